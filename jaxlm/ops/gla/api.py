@@ -14,6 +14,7 @@ from jaxlm.ops import validation
 from jaxlm.ops.gla import chunk_scalar, chunk_vector
 from jaxlm.ops.gla.associative import diagonal_associative
 from jaxlm.ops.gla.recurrent import diagonal_recurrent
+from jaxlm.ops.sequence import repeat_heads
 
 _TOKEN_FORMS = {"recurrent": diagonal_recurrent, "associative": diagonal_associative}
 
@@ -142,5 +143,5 @@ def linear_attn(
     # z_t is linear attention against a value of ones: same forms, same segment handling.
     ones = jnp.ones((*q.shape[:3], 1), jnp.float32)
     z, _ = simple_gla(q, k, ones, **common)
-    z = lr.repeat_heads(z, v.shape[2] // q.shape[2])
+    z = repeat_heads(z, v.shape[2] // q.shape[2])
     return (o.astype(jnp.float32) / (z + NORMALIZER_EPS)).astype(v.dtype), s

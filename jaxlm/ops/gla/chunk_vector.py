@@ -6,7 +6,8 @@ split into sub-chunks of ``SUB_CHUNK`` tokens:
   - a query sub-chunk i and an earlier key sub-chunk j factor through the boundary r_i just
     before sub-chunk i: (q_t ⊙ decay(t <- r_i)) · (k_s ⊙ decay(r_i <- s)), both factors <= 1;
   - the diagonal sub-chunks form the [sub, sub, K] decay tensor directly, in float32.
-The state pass between chunks is as in the scalar form, with a K-vector decay.
+The state pass between chunks is as in the scalar form, with a K-vector decay; as there,
+``prepare`` keeps only the state transition and ``readout`` does the quadratic work.
 """
 
 from __future__ import annotations
@@ -24,13 +25,34 @@ def _blocks(x, n):
     return x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:])
 
 
+def _cumsums(x):
+    _, _, _, g, reset = x
+    return chunk_cumsums(g, reset[:, :, None, None] > 0)  # [B, C, H, K] each
+
+
 def prepare(x):
-    """x = (q, k, v, g, reset): q, k, g [B, C, H, K]; v [B, C, H, V]; reset [B, C]."""
-    q, k, v, g, reset = x
+    """x = (q, k, v, g, reset): q, k, g [B, C, H, K]; v [B, C, H, V]; reset [B, C].
+
+    Returns the chunk's state transition: decay [B, H, K] and update [B, H, K, V].
+    """
+    _, k, v, _, _ = x
+    b, count = _cumsums(x)
+    key_decay = masked_decay(b[:, -1:], b, count == count[:, -1:])
+    chunk_decay = masked_decay(b[:, -1], 0.0, count[:, -1] == 0)
+    update = jnp.einsum("bshk,bshv->bhkv", k * key_decay, v, precision=HIGHEST)
+    return chunk_decay, update
+
+
+def advance(aux, s):
+    chunk_decay, update = aux
+    return chunk_decay[..., None] * s + update
+
+
+def _intra(q, k, v, b, count):
+    """The intra-chunk output Σ_{s<=t} (Σ_k q_tk k_sk decay_k(t <- s)) v_s, [B, C, H, V]."""
     batch, c = q.shape[:2]
     sub = min(SUB_CHUNK, c)
     n = c // sub
-    b, count = chunk_cumsums(g, reset[:, :, None, None] > 0)  # [B, C, H, K]
 
     # Diagonal sub-chunks: the decay tensor itself.
     qb, kb, vb, bb, cb = (_blocks(a, n) for a in (q, k, v, b, count))
@@ -50,21 +72,12 @@ def prepare(x):
     k_factor = k[:, None] * masked_decay(b_ref[:, :, None], b[:, None], k_keep)  # [B, n, C, H, K]
     cross = jnp.einsum("bithk,bishk->bitsh", q_factor, k_factor, precision=HIGHEST)
     intra = intra + jnp.einsum("bitsh,bshv->bithv", cross, v, precision=HIGHEST)
-    intra = intra.reshape(batch, c, *intra.shape[3:])
-
-    query_decay = masked_decay(b, 0.0, count == 0)
-    key_decay = masked_decay(b[:, -1:], b, count == count[:, -1:])
-    chunk_decay = masked_decay(b[:, -1], 0.0, count[:, -1] == 0)  # [B, H, K]
-    update = jnp.einsum("bshk,bshv->bhkv", k * key_decay, v, precision=HIGHEST)
-    return intra, query_decay, chunk_decay, update
-
-
-def advance(aux, s):
-    _, _, chunk_decay, update = aux
-    return chunk_decay[..., None] * s + update
+    return intra.reshape(batch, c, *intra.shape[3:])
 
 
 def readout(x, aux, s):
-    q = x[0]
-    intra, query_decay, _, _ = aux
-    return intra + jnp.einsum("bthk,bhkv->bthv", q * query_decay, s, precision=HIGHEST)
+    q, k, v, _, _ = x
+    b, count = _cumsums(x)
+    query_decay = masked_decay(b, 0.0, count == 0)
+    inter = jnp.einsum("bthk,bhkv->bthv", q * query_decay, s, precision=HIGHEST)
+    return _intra(q, k, v, b, count) + inter

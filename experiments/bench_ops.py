@@ -1,0 +1,196 @@
+"""Scaling benchmark of every op and form against softmax attention.
+
+  python experiments/bench_ops.py [--seq-lens 1024 2048 4096 8192 16384] [--repeats 3]
+
+For each op and execution form it times the forward pass and forward+backward at B=1, H=4,
+K=V=64 in float32 on the default device, beside XLA softmax attention, in one run. It writes
+a CSV and a log-log plot of time against T, fits the scaling exponent of each curve from
+T=2K to 16K, and checks the foundation issue's targets from ratios measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import ops
+
+HERE = pathlib.Path(__file__).resolve().parent
+B, H, D = 1, 4, 64
+
+
+def make_inputs(t: int) -> dict[str, jax.Array]:
+    ks = jax.random.split(jax.random.PRNGKey(t), 6)
+    k = jax.random.normal(ks[1], (B, t, H, D))
+    return dict(
+        q=jax.random.normal(ks[0], (B, t, H, D)),
+        k=k / jnp.linalg.norm(k, axis=-1, keepdims=True),
+        v=jax.random.normal(ks[2], (B, t, H, D)),
+        g=jax.nn.log_sigmoid(3.0 + jax.random.normal(ks[3], (B, t, H))),
+        gk=jax.nn.log_sigmoid(3.0 + jax.random.normal(ks[4], (B, t, H, D))),
+        beta=jax.nn.sigmoid(jax.random.normal(ks[5], (B, t, H))),
+    )
+
+
+# op name -> (function of (inputs, impl) -> o, the inputs it differentiates)
+OPS = {
+    "linear_attn": (lambda x, impl: ops.linear_attn(x["q"], x["k"], x["v"], impl=impl)[0], ("q", "k", "v")),
+    "simple_gla": (lambda x, impl: ops.simple_gla(x["q"], x["k"], x["v"], x["g"], impl=impl)[0], ("q", "k", "v", "g")),
+    "gla": (lambda x, impl: ops.gla(x["q"], x["k"], x["v"], x["gk"], impl=impl)[0], ("q", "k", "v", "gk")),
+    "delta_rule": (
+        lambda x, impl: ops.delta_rule(x["q"], x["k"], x["v"], x["beta"], impl=impl)[0],
+        ("q", "k", "v", "beta"),
+    ),
+    "gated_delta_rule": (
+        lambda x, impl: ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], impl=impl)[0],
+        ("q", "k", "v", "g", "beta"),
+    ),
+    "attention": (lambda x, impl: ops.attention(x["q"], x["k"], x["v"], causal=True), ("q", "k", "v")),
+}
+FORMS = ("recurrent", "associative", "chunk")
+
+
+def timed(fn, x, repeats: int) -> float:
+    jax.block_until_ready(fn(x))  # compile and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def build(op: str, impl: str | None):
+    fn, diff = OPS[op]
+
+    def loss(d, rest):
+        return jnp.sum(fn({**rest, **d}, impl))
+
+    def fwd(x):
+        return fn(x, impl)
+
+    def fwd_bwd(x):
+        d = {n: x[n] for n in diff}
+        return jax.grad(loss)(d, {n: a for n, a in x.items() if n not in diff})
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def fit_exponent(ts: list[int], secs: list[float]) -> float:
+    keep = [(t, s) for t, s in zip(ts, secs) if t >= 2048]
+    if len(keep) < 2:
+        return float("nan")
+    lt, ls = np.log([t for t, _ in keep]), np.log([s for _, s in keep])
+    return float(np.polyfit(lt, ls, 1)[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=pathlib.Path, default=HERE / "bench_ops")
+    args = p.parse_args(argv)
+
+    rows = []
+    cases = [(op, "xla" if op == "attention" else impl) for op in args.ops for impl in
+             (["xla"] if op == "attention" else args.forms)]
+    total = len(cases) * len(args.seq_lens)
+    done = 0
+    print(f"device: {jax.devices()[0].device_kind}; B={B} H={H} K=V={D} float32", flush=True)
+    for op, impl in cases:
+        fwd, fwd_bwd = build(op, None if impl == "xla" else impl)
+        for t in args.seq_lens:
+            x = make_inputs(t)
+            f = timed(fwd, x, args.repeats)
+            fb = timed(fwd_bwd, x, args.repeats)
+            rows.append(dict(op=op, form=impl, T=t, fwd_s=f, fwd_bwd_s=fb))
+            done += 1
+            print(f"[{done}/{total}] {op:17s} {impl:12s} T={t:6d}  fwd {f * 1e3:9.1f} ms  fwd+bwd {fb * 1e3:9.1f} ms", flush=True)
+
+    csv_path = args.out.with_suffix(".csv")
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    curves = {}
+    for r in rows:
+        curves.setdefault((r["op"], r["form"]), []).append(r)
+    print("\n| op | form | fwd exponent | fwd+bwd exponent |\n|---|---|---|---|")
+    for (op, impl), rs in curves.items():
+        ts = [r["T"] for r in rs]
+        print(f"| {op} | {impl} | {fit_exponent(ts, [r['fwd_s'] for r in rs]):.2f} | "
+              f"{fit_exponent(ts, [r['fwd_bwd_s'] for r in rs]):.2f} |")
+
+    print("\n| op | form | " + " | ".join(f"T={t}" for t in args.seq_lens) + " |  (fwd+bwd ms)")
+    print("|---|---|" + "---|" * len(args.seq_lens))
+    for (op, impl), rs in curves.items():
+        print(f"| {op} | {impl} | " + " | ".join(f"{r['fwd_bwd_s'] * 1e3:.1f}" for r in rs) + " |")
+
+    _targets(curves)
+    _plot(curves, args.out.with_suffix(".png"))
+    print(f"\nwrote {csv_path} and {args.out.with_suffix('.png')}")
+
+
+def _lookup(curves, op, impl, t, key="fwd_bwd_s"):
+    for r in curves.get((op, impl), []):
+        if r["T"] == t:
+            return r[key]
+    return None
+
+
+def _targets(curves) -> None:
+    print("\nTargets (ratios from this run):")
+    rec, chunk = _lookup(curves, "gated_delta_rule", "recurrent", 4096), _lookup(curves, "gated_delta_rule", "chunk", 4096)
+    if rec and chunk:
+        print(f"  gated_delta_rule chunk vs recurrent, T=4096 fwd+bwd: {rec / chunk:.1f}x faster (target >= 4x)")
+    rs = curves.get(("gated_delta_rule", "chunk"), [])
+    ts = [r["T"] for r in rs]
+    if len(ts) >= 2:
+        print(f"  gated_delta_rule chunk fwd+bwd exponent 2K-16K: {fit_exponent(ts, [r['fwd_bwd_s'] for r in rs]):.2f} (target <= 1.15)")
+    att = curves.get(("attention", "xla"), [])
+    if att:
+        ta = [r["T"] for r in att]
+        print(f"  attention fwd+bwd exponent 2K-16K: {fit_exponent(ta, [r['fwd_bwd_s'] for r in att]):.2f} (expected near 2)")
+    t_max = max(ts, default=0)
+    a, c = _lookup(curves, "attention", "xla", t_max), _lookup(curves, "gated_delta_rule", "chunk", t_max)
+    if a and c:
+        print(f"  gated_delta_rule chunk vs softmax attention, T={t_max} fwd+bwd: {a / c:.1f}x faster (target >= 2x)")
+
+
+def _plot(curves, path: pathlib.Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot written", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for ax, key, title in ((axes[0], "fwd_s", "forward"), (axes[1], "fwd_bwd_s", "forward + backward")):
+        for (op, impl), rs in curves.items():
+            style = {"recurrent": ":", "associative": "--", "chunk": "-", "xla": "-"}[impl]
+            width = 3 if op == "attention" else 1.5
+            ax.loglog([r["T"] for r in rs], [r[key] for r in rs], style, marker="o", lw=width, label=f"{op} {impl}")
+        ax.set_title(title)
+        ax.set_xlabel("sequence length T")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("seconds")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"jaxlm ops on {jax.devices()[0].device_kind}: B={B}, H={H}, K=V={D}, float32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Softmax attention in plain XLA: the reference form, with materialised scores.
+
+Short sequences compute the whole [T, S] score matrix at once. Long ones walk over blocks of
+query rows with ``lax.map``; each block still takes an exact softmax over all S keys (no online
+rescaling), so the result matches the one-shot form to rounding. The block body is rematerialised
+in the backward pass, so neither pass ever holds more than one block's scores: at T=16384, H=4 the
+full score tensor alone would be T²·H·4 bytes = 4.3 GB, a 512-row block is 134 MB.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Query rows per block once T exceeds it. 512 rows keeps a block's scores at 512·S·H floats.
+QUERY_BLOCK = 512
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def attention_mask(
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    q_seg: jax.Array | None,
+    k_seg: jax.Array | None,
+    *,
+    causal: bool,
+    window: int | None,
+) -> jax.Array:
+    """Which keys each query may read.
+
+    q_pos: [Tq] and k_pos: [S] int positions; q_seg: [B, Tq] and k_seg: [B, S] document ids or None.
+    Returns a bool mask broadcastable to [B, 1, 1, Tq, S] (batch, kv head, group, query, key).
+    """
+    diff = q_pos[:, None] - k_pos[None, :]  # t - s
+    mask = jnp.ones(diff.shape, bool)
+    if causal:
+        mask = diff >= 0
+        if window is not None:
+            mask = mask & (diff < window)
+    elif window is not None:
+        mask = jnp.abs(diff) < window
+    mask = mask[None]
+    if q_seg is not None:
+        mask = mask & (q_seg[:, :, None] == k_seg[:, None, :])
+    return mask[:, None, None]
+
+
+def _masked_softmax_attend(q, k, v, mask, scale):
+    """q: [B, Tq, Hk, G, D]; k: [B, S, Hk, D]; v: [B, S, Hk, Dv] float32; mask [B|1, 1, 1, Tq, S].
+
+    Returns [B, Tq, Hk, G, Dv] float32.
+    """
+    s = jnp.einsum("bqhgd,bshd->bhgqs", q, k, precision=_HIGHEST) * scale
+    # Masked scores become a finite floor rather than -inf, and their probabilities are zeroed
+    # with where after exp: no inf - inf or 0 * inf can reach a value or a gradient, even for a
+    # query that sees no key at all.
+    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    # The softmax does not depend on the shift, so it needs no gradient.
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(s - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    # A query with no visible key gets a zero output instead of 0/0.
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    return jnp.einsum("bhgqs,bshv->bqhgv", p, v, precision=_HIGHEST)
+
+
+def attention_xla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    scale: float,
+    window: int | None,
+    segment_ids: jax.Array | None,
+    block_size: int | None = None,
+) -> jax.Array:
+    """Exact softmax attention on validated inputs.
+
+    q: [B, T, H, D]; k: [B, S, Hk, D]; v: [B, S, Hk, Dv] with H a multiple of Hk; segment_ids
+    [B, T] (S == T) or None. block_size: query rows per block once T exceeds it (default
+    ``QUERY_BLOCK``, read at call time). Returns [B, T, H, Dv] in v's dtype.
+    """
+    block = QUERY_BLOCK if block_size is None else block_size
+    return _attention_xla(q, k, v, segment_ids, causal=causal, scale=scale, window=window, block=block)
+
+
+# Jitted as a whole: run eagerly, each of the small ops would be dispatched (and compiled) alone.
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "window", "block"))
+def _attention_xla(q, k, v, segment_ids, *, causal, scale, window, block):
+    b, t, h, d = q.shape
+    s_len, hk = k.shape[1], k.shape[2]
+    groups = h // hk
+    # Query head j reads kv head j // groups: split H as (Hk, G) instead of repeating k and v.
+    qg = q.astype(jnp.float32).reshape(b, t, hk, groups, d)
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    k_pos = jnp.arange(s_len)
+    mask_args = dict(causal=causal, window=window)
+
+    if t <= block:
+        mask = attention_mask(jnp.arange(t), k_pos, segment_ids, segment_ids, **mask_args)
+        o = _masked_softmax_attend(qg, kf, vf, mask, scale)
+        return o.reshape(b, t, h, -1).astype(v.dtype)
+
+    # Equal blocks of at most `block` rows; the padding (fewer rows than blocks) is cut off after.
+    n_blocks = math.ceil(t / block)
+    rows = math.ceil(t / n_blocks)
+    pad = n_blocks * rows - t
+    q_blocks = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    q_blocks = jnp.moveaxis(q_blocks.reshape(b, n_blocks, rows, hk, groups, d), 1, 0)
+    q_pos = jnp.arange(n_blocks * rows).reshape(n_blocks, rows)
+    if segment_ids is None:
+        q_seg = None
+    else:
+        # Padding rows are cut off afterwards; any id will do, even one that leaves them no key.
+        q_seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+        q_seg = jnp.moveaxis(q_seg.reshape(b, n_blocks, rows), 1, 0)
+
+    @jax.checkpoint
+    def one_block(xs):
+        q_blk, pos, seg = xs
+        mask = attention_mask(pos, k_pos, seg, segment_ids, **mask_args)
+        return _masked_softmax_attend(q_blk, kf, vf, mask, scale)
+
+    o = jax.lax.map(one_block, (q_blocks, q_pos, q_seg))  # [N, B, rows, Hk, G, Dv]
+    o = jnp.moveaxis(o, 0, 1).reshape(b, n_blocks * rows, h, -1)
+    return o[:, :t].astype(v.dtype)
