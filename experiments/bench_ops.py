@@ -57,6 +57,17 @@ OPS = {
 FORMS = ("recurrent", "associative", "chunk")
 
 
+FIELDS = ["op", "form", "T", "fwd_s", "fwd_bwd_s"]
+
+
+def _read_rows(path: pathlib.Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return [
+            dict(op=r["op"], form=r["form"], T=int(r["T"]), fwd_s=float(r["fwd_s"]), fwd_bwd_s=float(r["fwd_bwd_s"]))
+            for r in csv.DictReader(fh)
+        ]
+
+
 def timed(fn, x, repeats: int) -> float:
     jax.block_until_ready(fn(x))  # compile and warm up
     best = float("inf")
@@ -97,30 +108,47 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--associative-max-len", type=int, default=8192,
+        help="longest T for the associative forms: they hold a K×V (delta rules: also K×K) matrix per "
+        "token at every scan level, and at T=16384 the delta rules' fwd+bwd exceeds 24 GB",
+    )
     p.add_argument("--out", type=pathlib.Path, default=HERE / "bench_ops")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT.csv and measure only the rest")
     args = p.parse_args(argv)
 
-    rows = []
-    cases = [(op, "xla" if op == "attention" else impl) for op in args.ops for impl in
-             (["xla"] if op == "attention" else args.forms)]
-    total = len(cases) * len(args.seq_lens)
-    done = 0
-    print(f"device: {jax.devices()[0].device_kind}; B={B} H={H} K=V={D} float32", flush=True)
-    for op, impl in cases:
-        fwd, fwd_bwd = build(op, None if impl == "xla" else impl)
-        for t in args.seq_lens:
-            x = make_inputs(t)
-            f = timed(fwd, x, args.repeats)
-            fb = timed(fwd_bwd, x, args.repeats)
-            rows.append(dict(op=op, form=impl, T=t, fwd_s=f, fwd_bwd_s=fb))
-            done += 1
-            print(f"[{done}/{total}] {op:17s} {impl:12s} T={t:6d}  fwd {f * 1e3:9.1f} ms  fwd+bwd {fb * 1e3:9.1f} ms", flush=True)
-
     csv_path = args.out.with_suffix(".csv")
+    rows = _read_rows(csv_path) if args.resume and csv_path.exists() else []
+    measured = {(r["op"], r["form"], r["T"]) for r in rows}
+    cases = [
+        (op, impl, t)
+        for op in args.ops
+        for impl in (["xla"] if op == "attention" else args.forms)
+        for t in args.seq_lens
+        if (impl != "associative" or t <= args.associative_max_len) and (op, impl, t) not in measured
+    ]
+    print(f"device: {jax.devices()[0].device_kind}; B={B} H={H} K=V={D} float32; {len(rows)} rows kept", flush=True)
+    # Rows are written as they come, so a long run that is stopped keeps what it measured.
     with open(csv_path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+        fh.flush()
+        built = {}
+        for done, (op, impl, t) in enumerate(cases, 1):
+            if (op, impl) not in built:
+                built[(op, impl)] = build(op, None if impl == "xla" else impl)
+            fwd, fwd_bwd = built[(op, impl)]
+            x = make_inputs(t)
+            row = dict(op=op, form=impl, T=t, fwd_s=timed(fwd, x, args.repeats), fwd_bwd_s=timed(fwd_bwd, x, args.repeats))
+            rows.append(row)
+            writer.writerow(row)
+            fh.flush()
+            print(
+                f"[{done}/{len(cases)}] {op:17s} {impl:12s} T={t:6d}  fwd {row['fwd_s'] * 1e3:9.1f} ms  "
+                f"fwd+bwd {row['fwd_bwd_s'] * 1e3:9.1f} ms",
+                flush=True,
+            )
 
     curves = {}
     for r in rows:
@@ -131,10 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {op} | {impl} | {fit_exponent(ts, [r['fwd_s'] for r in rs]):.2f} | "
               f"{fit_exponent(ts, [r['fwd_bwd_s'] for r in rs]):.2f} |")
 
-    print("\n| op | form | " + " | ".join(f"T={t}" for t in args.seq_lens) + " |  (fwd+bwd ms)")
-    print("|---|---|" + "---|" * len(args.seq_lens))
-    for (op, impl), rs in curves.items():
-        print(f"| {op} | {impl} | " + " | ".join(f"{r['fwd_bwd_s'] * 1e3:.1f}" for r in rs) + " |")
+    for key, label in (("fwd_s", "forward ms"), ("fwd_bwd_s", "forward+backward ms")):
+        print(f"\n| {label} | form | " + " | ".join(f"T={t}" for t in args.seq_lens) + " |")
+        print("|---|---|" + "---|" * len(args.seq_lens))
+        for (op, impl), rs in curves.items():
+            by_t = {r["T"]: r[key] for r in rs}
+            cells = [f"{by_t[t] * 1e3:.1f}" if t in by_t else "—" for t in args.seq_lens]
+            print(f"| {op} | {impl} | " + " | ".join(cells) + " |")
 
     _targets(curves)
     _plot(curves, args.out.with_suffix(".png"))

@@ -16,8 +16,8 @@ no quadratic intermediate outlives its chunk group. They plug into ``run_chunked
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from jaxlm.ops.gate_cumsum import chunk_cumsums, masked_decay
 
@@ -32,6 +32,46 @@ def _decays(x):
     causal = jnp.tril(jnp.ones((c, c), bool))[None, :, :, None]
     same = jnp.logical_and(causal, count[:, :, None] == count[:, None, :])
     return b, count, masked_decay(b[:, :, None], b[:, None, :], same)
+
+
+def _unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """(I + A)^{-1} for A [..., C, C] strictly lower, by forward substitution one row at a time."""
+    c = a.shape[-1]
+    eye = jnp.eye(c, dtype=a.dtype)
+
+    def step(y, t):
+        # Rows >= t of y are still zero and A[t, s] = 0 for s >= t: this reads solved rows only.
+        row = eye[t] - jnp.einsum("...s,...sj->...j", a[..., t, :], y, precision=HIGHEST)
+        return jax.lax.dynamic_update_index_in_dim(y, row, t, axis=-2), None
+
+    y, _ = jax.lax.scan(step, jnp.zeros_like(a), jnp.arange(c))
+    return y
+
+
+@jax.custom_vjp
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """(I + A)^{-1} for A [..., C, C] strictly lower triangular.
+
+    Written as a scan of row updates rather than LAPACK's trsm: on XLA:CPU the trsm custom call
+    inside the chunk loops deadlocked the backward pass at T=16384 (jax 0.10.2), and plain XLA
+    ops run unchanged on every backend. The custom VJP, dA = −lower(Yᵀ dY Yᵀ), is three matmuls,
+    so the backward pass never differentiates through the C-step scan.
+    """
+    return _unit_lower_inverse(a)
+
+
+def _inverse_fwd(a):
+    y = _unit_lower_inverse(a)
+    return y, y
+
+
+def _inverse_bwd(y, dy):
+    yt = jnp.swapaxes(y, -1, -2)
+    da = -jnp.einsum("...ij,...jk,...kl->...il", yt, dy, yt, precision=HIGHEST)
+    return (jnp.tril(da, -1),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
 def prepare(x):
@@ -49,12 +89,11 @@ def prepare(x):
     # A is strictly lower: token t's own key enters u_t through β_t v_t only.
     strict = jnp.tril(jnp.ones((c, c), bool), -1)[None, :, :, None]
     kk = jnp.einsum("bthk,bshk->btsh", k, k, precision=HIGHEST)
-    a = jnp.where(strict, beta[:, :, None] * kk * decay, 0.0)
-    lhs = jnp.eye(c, dtype=a.dtype) + jnp.moveaxis(a, 3, 1)  # [B, H, t, s]
+    a = jnp.where(strict, beta[:, :, None] * kk * decay, 0.0)  # [B, t, s, H]
     rhs = jnp.concatenate([(beta * query_decay)[..., None] * k, beta[..., None] * v], axis=-1)
-    # One solve for both right-hand sides, in float32 (XLA's solve is not reduced-precision).
-    solved = solve_triangular(lhs, jnp.moveaxis(rhs, 2, 1), lower=True, unit_diagonal=True)
-    solved = jnp.moveaxis(solved, 1, 2)  # [B, C, H, K + V]
+    # One solve for both right-hand sides, in float32.
+    inverse = unit_lower_inverse(jnp.moveaxis(a, 3, 1))  # [B, H, t, s]
+    solved = jnp.einsum("bhts,bshn->bthn", inverse, rhs, precision=HIGHEST)  # [B, C, H, K + V]
     w, u_prime = solved[..., :dk], solved[..., dk:]
 
     key_decay = masked_decay(b[:, -1:], b, count == count[:, -1:])  # decay(C <- s)

@@ -1,0 +1,48 @@
+"""Token embedding and the output head, tied (logits = x·Eᵀ) or untied (a separate [D, N] matrix)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.layers.initializers import INIT_STD
+from jaxlm.layers.validation import check_positive
+
+
+class Embedding(nnx.Module):
+    """tokens [B, T] -> [B, T, D] with ``__call__``; hidden [B, T, D] -> logits [B, T, N] with ``logits``.
+
+    Both matrices start normal(0.02). Logits come back in float32: the matmul accumulates in
+    float32 and the softmax cross-entropy that follows wants them there.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        *,
+        tie_output: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        check_positive(vocab_size=vocab_size, d_model=d_model)
+        self.tie_output = tie_output
+        self.dtype = dtype
+        init = nnx.initializers.normal(INIT_STD)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), param_dtype))  # [N, D]
+        self.head = None if tie_output else nnx.Param(init(rngs.params(), (d_model, vocab_size), param_dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens: [B, T] ints -> [B, T, D] in the compute dtype."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, D] -> [B, T, N] float32."""
+        x = x.astype(self.dtype)
+        if self.tie_output:
+            w = self.embedding[...].astype(self.dtype)
+            return jnp.einsum("btd,nd->btn", x, w, preferred_element_type=jnp.float32)
+        w = self.head[...].astype(self.dtype)
+        return jnp.einsum("btd,dn->btn", x, w, preferred_element_type=jnp.float32)
