@@ -1,4 +1,4 @@
-"""Chunk form of the gated delta rule: the WY/UT transform, one triangular solve per chunk.
+"""Chunk form of the gated delta rule: the WY/UT transform, one unit-lower-triangular inverse per chunk.
 
 Within a chunk of C tokens with start state S0, let decay(t <- s) be the masked exp(b_t − b_s)
 (zero across a reset) and γ_t = decay(t <- start). The state just before token t's update is
@@ -91,7 +91,7 @@ def prepare(x):
     kk = jnp.einsum("bthk,bshk->btsh", k, k, precision=HIGHEST)
     a = jnp.where(strict, beta[:, :, None] * kk * decay, 0.0)  # [B, t, s, H]
     rhs = jnp.concatenate([(beta * query_decay)[..., None] * k, beta[..., None] * v], axis=-1)
-    # One solve for both right-hand sides, in float32.
+    # One inverse serves both right-hand sides, in float32.
     inverse = unit_lower_inverse(jnp.moveaxis(a, 3, 1))  # [B, H, t, s]
     solved = jnp.einsum("bhts,bshn->bthn", inverse, rhs, precision=HIGHEST)  # [B, C, H, K + V]
     w, u_prime = solved[..., :dk], solved[..., dk:]
