@@ -25,13 +25,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlm.ops import moe as moe_ops  # noqa: E402
+from jaxlm.timing import best_seconds  # noqa: E402
 
 EXPERTS = (8, 64)
 TOP_K = (1, 2, 8)
@@ -80,16 +80,6 @@ def build(fn, backward: bool):
     return jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(fn(p)))))
 
 
-def timed(fn, inputs, repeats: int) -> float:
-    jax.block_until_ready(fn(inputs))  # compile and warm up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(inputs))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
@@ -117,7 +107,7 @@ def main() -> None:
                 if name == "dropless ragged_dot" and jax.default_backend() == "cpu" and n * k * e > args.ragged_limit:
                     continue
                 fn = build(form(name, k, args.capacity_factor), args.backward)
-                rate[name] = n / timed(fn, inputs, args.repeats)
+                rate[name] = n / best_seconds(fn, inputs, repeats=args.repeats)
             speedup[e, k] = rate["dropless tiled"] / rate["dense"]
             cells = [f"{rate[name]:,.0f}" if name in rate else "skipped" for name in forms]
             print(f"| {e} | {k} | " + " | ".join(cells) + f" | {speedup[e, k]:.1f}x |", flush=True)
@@ -128,10 +118,10 @@ def main() -> None:
     else:
         inputs = make_inputs(n, d, f, 64)
         fn = form("dropless tiled", 2, args.capacity_factor)
-        one = n / timed(build(fn, args.backward), inputs, args.repeats)
+        one = n / best_seconds(build(fn, args.backward), inputs, repeats=args.repeats)
         mesh = jax.make_mesh((1, 8), ("data", "expert"))
         with jax.set_mesh(mesh):
-            eight = n / timed(build(fn, args.backward), inputs, args.repeats)
+            eight = n / best_seconds(build(fn, args.backward), inputs, repeats=args.repeats)
         print("| devices | tokens/s | vs 1 device |\n|---|---|---|")
         print(f"| 1 | {one:,.0f} | 1.00x |\n| 8 (expert=8) | {eight:,.0f} | {eight / one:.2f}x |")
 

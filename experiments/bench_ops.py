@@ -14,13 +14,13 @@ import argparse
 import csv
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import ops
+from jaxlm.timing import best_seconds
 
 HERE = pathlib.Path(__file__).resolve().parent
 B, H, D = 1, 4, 64
@@ -66,16 +66,6 @@ def _read_rows(path: pathlib.Path) -> list[dict]:
             dict(op=r["op"], form=r["form"], T=int(r["T"]), fwd_s=float(r["fwd_s"]), fwd_bwd_s=float(r["fwd_bwd_s"]))
             for r in csv.DictReader(fh)
         ]
-
-
-def timed(fn, x, repeats: int) -> float:
-    jax.block_until_ready(fn(x))  # compile and warm up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def build(op: str, impl: str | None):
@@ -140,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                 built[(op, impl)] = build(op, None if impl == "xla" else impl)
             fwd, fwd_bwd = built[(op, impl)]
             x = make_inputs(t)
-            row = dict(op=op, form=impl, T=t, fwd_s=timed(fwd, x, args.repeats), fwd_bwd_s=timed(fwd_bwd, x, args.repeats))
+            fwd_s = best_seconds(fwd, x, repeats=args.repeats)
+            row = dict(op=op, form=impl, T=t, fwd_s=fwd_s, fwd_bwd_s=best_seconds(fwd_bwd, x, repeats=args.repeats))
             rows.append(row)
             writer.writerow(row)
             fh.flush()

@@ -9,13 +9,13 @@ every recurrence agrees with the token-by-token reference, and times a training 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import ops
+from jaxlm.timing import best_seconds
 
 FORMS = ("recurrent", "associative", "chunk")
 
@@ -47,16 +47,6 @@ def _rel_err(a: jax.Array, b: jax.Array) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b**2)) + 1e-8))
 
 
-def _seconds(fn, *args, repeats: int = 3) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jaxlm.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=4096, help="T for the timing comparison")
@@ -86,10 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         loss = lambda qkv, rest: jnp.sum(op({**rest, **qkv}))  # noqa: E731
         return jax.jit(lambda x: jax.grad(loss)({n: x[n] for n in "qkv"}, x))
 
-    t_attention = _seconds(train_step(lambda x: ops.attention(x["q"], x["k"], x["v"], causal=True)), x)
+    t_attention = best_seconds(train_step(lambda x: ops.attention(x["q"], x["k"], x["v"], causal=True)), x)
     for name in ("simple_gla", "gated_delta_rule"):
-        chunk = _seconds(train_step(lambda x, op=OPS[name]: op(x, "chunk")), x)
-        recurrent = _seconds(train_step(lambda x, op=OPS[name]: op(x, "recurrent")), x)
+        chunk = best_seconds(train_step(lambda x, op=OPS[name]: op(x, "chunk")), x)
+        recurrent = best_seconds(train_step(lambda x, op=OPS[name]: op(x, "recurrent")), x)
         print(
             f"  {name:17s} chunk {chunk * 1e3:7.1f} ms: {recurrent / chunk:5.1f}x faster than the recurrent form, "
             f"{t_attention / chunk:5.1f}x faster than softmax attention"

@@ -21,13 +21,12 @@ from jaxlm.layers.initializers import dense
 from jaxlm.layers.norms import RMSNorm
 from jaxlm.layers.rotary import apply_rope, check_rotary_dim
 from jaxlm.layers.validation import check_divides, check_positive, check_positive_float
+from jaxlm.ops.attention.xla import masked_softmax_attend
 from jaxlm.ops.sequence import segment_starts
 
 # Queries per block when a cached call has many of them (a long prefill): bounds the score
 # tensor to QUERY_BLOCK·(L+T)·H floats, as ops.attention does for the uncached path.
 QUERY_BLOCK = 512
-
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def masked_attention(
@@ -62,14 +61,8 @@ def masked_attention(
         if window is not None:
             visible = visible & (diff < window)
         mask = (qdoc_b[:, :, None] == k_doc[:, None, :]) & visible[None]  # [B, Tb, S]
-        mask = mask[:, None, None]  # [B, 1, 1, Tb, S]
-        s = jnp.einsum("bqhgd,bshd->bhgqs", qb, kf, precision=_HIGHEST) * scale
-        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-        m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(s - m), 0.0)
-        denom = jnp.sum(p, axis=-1, keepdims=True)
-        p = p / jnp.where(denom > 0, denom, 1.0)  # a query with no visible key reads zeros
-        return jnp.einsum("bhgqs,bshv->bqhgv", p, vf, precision=_HIGHEST)
+        # The same masked float32 softmax as ops.attention; a query with no visible key reads zeros.
+        return masked_softmax_attend(qb, kf, vf, mask[:, None, None], scale)
 
     rows = QUERY_BLOCK if block_size is None else block_size
     if t <= rows:

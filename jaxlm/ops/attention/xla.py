@@ -49,7 +49,7 @@ def attention_mask(
     return mask[:, None, None]
 
 
-def _masked_softmax_attend(q, k, v, mask, scale):
+def masked_softmax_attend(q, k, v, mask, scale):
     """q: [B, Tq, Hk, G, D]; k: [B, S, Hk, D]; v: [B, S, Hk, Dv] float32; mask [B|1, 1, 1, Tq, S].
 
     Returns [B, Tq, Hk, G, Dv] float32.
@@ -103,7 +103,7 @@ def _attention_xla(q, k, v, segment_ids, *, causal, scale, window, block):
 
     if t <= block:
         mask = attention_mask(jnp.arange(t), k_pos, segment_ids, segment_ids, **mask_args)
-        o = _masked_softmax_attend(qg, kf, vf, mask, scale)
+        o = masked_softmax_attend(qg, kf, vf, mask, scale)
         return o.reshape(b, t, h, -1).astype(v.dtype)
 
     # Equal blocks of at most `block` rows; the padding (fewer rows than blocks) is cut off after.
@@ -124,7 +124,7 @@ def _attention_xla(q, k, v, segment_ids, *, causal, scale, window, block):
     def one_block(xs):
         q_blk, pos, seg = xs
         mask = attention_mask(pos, k_pos, seg, segment_ids, **mask_args)
-        return _masked_softmax_attend(q_blk, kf, vf, mask, scale)
+        return masked_softmax_attend(q_blk, kf, vf, mask, scale)
 
     o = jax.lax.map(one_block, (q_blocks, q_pos, q_seg))  # [N, B, rows, Hk, G, Dv]
     o = jnp.moveaxis(o, 0, 1).reshape(b, n_blocks * rows, h, -1)
