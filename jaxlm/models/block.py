@@ -1,0 +1,108 @@
+"""One decoder layer: an optional token mixer and an optional feed-forward, each a pre-norm
+residual branch. The mixer and feed-forward kinds are the letters of ModelConfig's legend."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxlm import layers
+from jaxlm.models.config import ModelConfig
+from jaxlm.ops.moe import MoEAux
+
+
+def build_mixer(kind: str, config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) -> nnx.Module | None:
+    """The mixer layer for one letter of layer_pattern, or None for '-'."""
+    c = config
+    dtypes = dict(dtype=c.compute_dtype, param_dtype=c.storage_dtype)
+    recurrence = dict(impl=c.impl, chunk_size=c.chunk_size, **dtypes, rngs=rngs)
+    linear_heads = c.linear_n_heads or c.n_heads
+    if kind in "AW":
+        return layers.Attention(
+            c.d_model, c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
+            rotary_dim=c.rotary_dim, qk_norm=c.qk_norm, zero_centered_qk_norm=c.zero_centered_norm,
+            output_gate=c.attention_output_gate, window=c.window if kind == "W" else None,
+            norm_eps=c.norm_eps, **dtypes, rngs=rngs,
+        )
+    if kind == "G":
+        return layers.GatedDeltaNet(
+            c.d_model, linear_heads, head_dim=c.linear_head_dim, n_v_heads=c.linear_n_v_heads,
+            head_v_dim=c.linear_head_v_dim, conv_size=c.conv_size, allow_neg_eigval=c.allow_neg_eigval,
+            norm_eps=c.norm_eps, **recurrence,
+        )
+    if kind == "M":
+        return layers.Mamba2(
+            c.d_model, d_state=c.mamba_d_state, d_conv=c.conv_size, expand=c.mamba_expand,
+            head_dim=c.mamba_head_dim, n_groups=c.mamba_n_groups, norm_eps=c.norm_eps, **recurrence,
+        )
+    if kind == "V":
+        return layers.GatedLinearAttention(
+            c.d_model, linear_heads, head_dim=c.linear_head_dim, head_v_dim=c.linear_head_v_dim,
+            gate_low_rank_dim=c.gla_gate_low_rank_dim, norm_eps=c.norm_eps, **recurrence,
+        )
+    if kind == "L":
+        return layers.LightningAttention(
+            c.d_model, linear_heads, head_dim=c.linear_head_dim, layer_idx=layer_idx, n_layers=c.n_layers,
+            norm_eps=c.norm_eps, **recurrence,
+        )
+    if kind == "N":
+        return layers.LinearAttention(
+            c.d_model, linear_heads, head_dim=c.linear_head_dim, head_v_dim=c.linear_head_v_dim,
+            norm_eps=c.norm_eps, **recurrence,
+        )
+    return None
+
+
+def build_ffn(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module | None:
+    """The feed-forward for one letter of ffn_pattern, or None for '-'."""
+    c = config
+    dtypes = dict(dtype=c.compute_dtype, param_dtype=c.storage_dtype, rngs=rngs)
+    if kind == "D":
+        return layers.SwiGLU(c.d_model, c.d_ff, **dtypes)
+    if kind == "E":
+        d_expert = c.d_expert or c.d_ff
+        return layers.MoE(
+            c.d_model, d_expert, c.n_experts, c.top_k, capacity_factor=c.capacity_factor,
+            num_shared_experts=c.n_shared_experts, shared_d_ff=c.shared_d_ff or d_expert,
+            router=c.router, renormalize=c.renormalize, shared_expert_gate=c.shared_expert_gate,
+            use_selection_bias=c.use_selection_bias, impl=c.moe_impl, **dtypes,
+        )
+    return None
+
+
+class Block(nnx.Module):
+    """x [B, T, D] -> x + mixer(norm(x)), then + ffn(norm(x)); either branch may be absent."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+        mixer_kind, ffn_kind = config.layer_kinds()[layer_idx]
+        self.mixer_kind, self.ffn_kind = mixer_kind, ffn_kind
+        norm = dict(
+            eps=config.norm_eps, zero_centered=config.zero_centered_norm,
+            dtype=config.compute_dtype, param_dtype=config.storage_dtype,
+        )
+        self.mixer = build_mixer(mixer_kind, config, layer_idx, rngs)
+        self.mixer_norm = layers.RMSNorm(config.d_model, **norm) if self.mixer is not None else None
+        self.ffn = build_ffn(ffn_kind, config, rngs)
+        self.ffn_norm = layers.RMSNorm(config.d_model, **norm) if self.ffn is not None else None
+
+    def init_cache(self, batch_size: int, max_len: int):
+        """The mixer's cache, or None for a feed-forward-only layer."""
+        return None if self.mixer is None else self.mixer.init_cache(batch_size, max_len)
+
+    def __call__(
+        self, x: jax.Array, *, segment_ids: jax.Array | None = None, cache=None
+    ) -> tuple[jax.Array, object, MoEAux | None]:
+        """Returns (x [B, T, D], the mixer's new cache or None, the MoE aux or None)."""
+        new_cache, aux = None, None
+        if self.mixer is not None:
+            y, new_cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache)
+            x = x + y.astype(x.dtype)
+        if self.ffn is not None:
+            h = self.ffn_norm(x)
+            if self.ffn_kind == "E":
+                y, aux = self.ffn(h)
+            else:
+                y = self.ffn(h)
+            x = x + y.astype(x.dtype)
+        return x, new_cache, aux
+

@@ -1,0 +1,189 @@
+"""ModelConfig: everything that defines a decoder LM, as one flat, JSON-able dataclass.
+
+Layer patterns. ``layer_pattern`` names each layer's token mixer and ``ffn_pattern`` its
+feed-forward, one character per layer. Each string is cycled over ``n_layers``, so ``"GGGA"``
+with 8 layers is G G G A G G G A.
+
+  mixer  A  softmax attention (RoPE, GQA; options: qk_norm, attention_output_gate)
+         W  sliding-window softmax attention, ``window`` tokens
+         G  Gated DeltaNet
+         M  Mamba-2
+         V  GLA (vector-gated linear attention)
+         L  Lightning attention (MiniMax)
+         N  plain linear attention
+         -  none: the layer is a feed-forward block only
+  ffn    D  dense SwiGLU of width d_ff
+         E  Mixture-of-Experts (n_experts routed SwiGLU experts of width d_expert, top_k each)
+         -  none: the layer is a mixer block only
+
+A layer with both a mixer and a feed-forward is a pre-norm block x += mixer(norm(x));
+x += ffn(norm(x)). A layer with one of them has one residual branch, as in Nemotron-H, whose
+Mamba, attention, MLP and MoE layers each stand alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+
+MIXERS = {
+    "A": "softmax attention",
+    "W": "sliding-window softmax attention",
+    "G": "Gated DeltaNet",
+    "M": "Mamba-2",
+    "V": "GLA",
+    "L": "Lightning attention",
+    "N": "linear attention",
+    "-": "none",
+}
+FFNS = {"D": "dense SwiGLU", "E": "Mixture-of-Experts", "-": "none"}
+DTYPES = ("float32", "bfloat16", "float16")
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only LM. Fields that a pattern does not use are ignored (e.g. the MoE fields
+    without an ``E`` in ffn_pattern). ``None`` for a width means the default derived from others."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    layer_pattern: str = "A"
+    ffn_pattern: str = "D"
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    zero_centered_norm: bool = False  # Qwen3-Next: norm weights stored as offsets from 1
+
+    # Softmax attention (A, W).
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # default n_heads
+    head_dim: int | None = None  # default d_model // n_heads
+    rope_theta: float = 10000.0
+    rotary_dim: int | None = None  # channels rotated per head; default head_dim
+    qk_norm: bool = False
+    attention_output_gate: bool = False
+    window: int = 512
+
+    # Linear mixers (G, V, L, N): query/key heads, value heads and their widths.
+    linear_n_heads: int | None = None  # default n_heads
+    linear_head_dim: int | None = None  # default d_model // linear_n_heads
+    linear_n_v_heads: int | None = None  # Gated DeltaNet's grouped value heads; default linear_n_heads
+    linear_head_v_dim: int | None = None  # default linear_head_dim
+    conv_size: int = 4
+    allow_neg_eigval: bool = False
+    gla_gate_low_rank_dim: int = 16
+
+    # Mamba-2 (M).
+    mamba_d_state: int = 64
+    mamba_expand: int = 2
+    mamba_head_dim: int = 64
+    mamba_n_groups: int = 1
+
+    # Feed-forward (D, E).
+    d_ff: int = 512
+    n_experts: int = 8
+    top_k: int = 2
+    d_expert: int | None = None  # default d_ff
+    n_shared_experts: int = 0
+    shared_d_ff: int | None = None  # default d_expert
+    shared_expert_gate: bool = False
+    router: str = "softmax_topk"
+    renormalize: bool = False
+    use_selection_bias: bool = False
+    capacity_factor: float | None = None  # None: dropless
+
+    # Execution.
+    impl: str | None = None  # recurrence form for full sequences and prefill; None: the fastest
+    chunk_size: int = 64
+    moe_impl: str | None = None
+    dtype: str = "float32"  # compute
+    param_dtype: str = "float32"  # storage
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    def layer_kinds(self) -> list[tuple[str, str]]:
+        """[(mixer, ffn)] per layer, the patterns cycled over n_layers."""
+        lp, fp = self.layer_pattern, self.ffn_pattern
+        return [(lp[i % len(lp)], fp[i % len(fp)]) for i in range(self.n_layers)]
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        """A copy with some fields changed; an unknown field is a ValueError listing the fields."""
+        unknown = sorted(set(overrides) - set(field_names()))
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; the fields are {field_names()}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        fields = json.loads(text)
+        return cls().replace(**fields)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+def _positive_ints(config: ModelConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+
+
+def _optional_positive_ints(config: ModelConfig, *names: str) -> None:
+    _positive_ints(config, *(n for n in names if getattr(config, n) is not None))
+
+
+def _check_pattern(name: str, pattern: Any, legend: dict[str, str]) -> None:
+    if not isinstance(pattern, str) or not pattern or any(c not in legend for c in pattern):
+        choices = ", ".join(f"{k} = {v}" for k, v in legend.items())
+        raise ValueError(f"ModelConfig.{name} must be a non-empty string of [{choices}], got {pattern!r}")
+
+
+def _check(config: ModelConfig) -> None:
+    _positive_ints(config, "vocab_size", "d_model", "n_layers", "n_heads", "window", "conv_size")
+    _positive_ints(config, "gla_gate_low_rank_dim", "mamba_d_state", "mamba_expand", "mamba_head_dim")
+    _positive_ints(config, "mamba_n_groups", "d_ff", "n_experts", "top_k", "chunk_size")
+    _optional_positive_ints(
+        config, "n_kv_heads", "head_dim", "rotary_dim", "linear_n_heads", "linear_head_dim",
+        "linear_n_v_heads", "linear_head_v_dim", "d_expert", "shared_d_ff",
+    )
+    _check_pattern("layer_pattern", config.layer_pattern, MIXERS)
+    _check_pattern("ffn_pattern", config.ffn_pattern, FFNS)
+    empty = [i for i, kinds in enumerate(config.layer_kinds()) if kinds == ("-", "-")]
+    if empty:
+        raise ValueError(
+            f"layers {empty} have neither a mixer nor a feed-forward: layer_pattern "
+            f"{config.layer_pattern!r} and ffn_pattern {config.ffn_pattern!r} put '-' at the same place"
+        )
+    for name in ("dtype", "param_dtype"):
+        if getattr(config, name) not in DTYPES:
+            raise ValueError(f"ModelConfig.{name} must be one of {list(DTYPES)}, got {getattr(config, name)!r}")
+    if config.router not in ROUTERS:
+        raise ValueError(f"ModelConfig.router must be one of {list(ROUTERS)}, got {config.router!r}")
+    if config.top_k > config.n_experts:
+        raise ValueError(f"ModelConfig.top_k={config.top_k} must be <= n_experts={config.n_experts}")
+    if isinstance(config.n_shared_experts, bool) or not isinstance(config.n_shared_experts, int) or config.n_shared_experts < 0:
+        raise ValueError(f"ModelConfig.n_shared_experts must be an int >= 0, got {config.n_shared_experts!r}")
+    for name in ("norm_eps", "rope_theta"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
