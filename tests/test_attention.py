@@ -227,7 +227,6 @@ def test_impl_xla_and_jit_agree_with_default():
 q4 = jnp.zeros((1, 6, 4, 8))
 kv2 = jnp.zeros((1, 6, 2, 8))
 ERRORS = {
-    "pallas": (dict(impl="pallas"), "Pallas flash-attention kernel"),
     "unknown_impl": (dict(impl="cuda"), "impl must be None or one of"),
     "window_zero": (dict(window=0), "window"),
     "window_negative": (dict(window=-2), "window"),

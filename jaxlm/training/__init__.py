@@ -1,0 +1,1 @@
+"""The training job's parts: optimizer, step, checkpoints, metrics and the device peak (for MFU)."""
