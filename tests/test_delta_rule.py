@@ -233,7 +233,6 @@ def _bad_calls():
         "g_shape": ("g must have shape", lambda: gdr(q, k, v, g[..., None], beta)),
         "g_positive": ("g must be a natural-log decay <= 0", lambda: gdr(q, k, v, -g, beta)),
         "impl_unknown": ("impl must be None or one of", lambda: gdr(q, k, v, g, beta, impl="fast")),
-        "impl_pallas": ("impl='pallas' is not available yet for delta_rule", lambda: dr(q, k, v, beta, impl="pallas")),
         "chunk_size": ("chunk_size must be a positive power of two", lambda: gdr(q, k, v, g, beta, chunk_size=12)),
     }
 

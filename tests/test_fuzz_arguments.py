@@ -121,16 +121,6 @@ def test_arguments_raise_value_error_or_give_the_recurrent_result(case):
     assert_close((o, s), (o_ref, s_ref), F32_OUT, f"{op} impl={a['impl']} chunk={a['chunk_size']}")
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_pallas_is_rejected_until_the_kernels_land(op):
-    b, t, h, d = 1, 4, 1, 2
-    a = dict(q=np.ones((b, t, h, d), np.float32), k=np.ones((b, t, h, d), np.float32),
-             v=np.ones((b, t, h, d), np.float32), g=-np.ones((b, t, h, d) if op == "gla" else (b, t, h), np.float32),
-             beta=np.full((b, t, h), 0.5, np.float32), impl="pallas")
-    with pytest.raises(ValueError, match="pallas"):
-        call(op, a)
-
-
 def test_gate_values_are_checked_only_outside_jit():
     """Under jit a gate's values are unknown; its shape is still checked."""
     q = jnp.ones((1, 3, 1, 2))

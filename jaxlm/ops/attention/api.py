@@ -11,6 +11,8 @@ import numpy as np
 from jaxlm.ops import validation
 from jaxlm.ops.attention.xla import attention_xla
 from jaxlm.ops.sequence import segment_starts
+from kernels_pallas.flash_attention import config as flash_attention_config
+from kernels_pallas.flash_attention import flash_attention
 
 ATTENTION_IMPLS = ("xla", "pallas")
 
@@ -68,18 +70,14 @@ def attention(
       segment_ids: [B, T] ints of packed documents (requires S == T); a document is a run of
         equal ids, as for the recurrences, and tokens of different documents never attend to
         each other (an id that comes back after another starts a new document).
-      impl: None or "xla" (exact, materialised scores in query blocks). "pallas" is not built yet.
+      impl: "xla" (exact, materialised scores in query blocks), "pallas" (the flash-attention
+        kernel of kernels_pallas, head dims up to 256; interpret mode on CPU) or None ("xla").
     Returns:
       o [B, T, H, Dv] in v's dtype. The softmax runs in float32; a query that sees no key
       (possible only without causal masking) gets zeros.
     """
-    if impl == "pallas":
-        raise ValueError(
-            "impl='pallas' is not available for attention: the Pallas flash-attention kernel is "
-            "not built yet; use impl='xla' (or None)"
-        )
     validation.check_impl(impl, ATTENTION_IMPLS)
-    b, t, _, d, s, _, _ = _check_qkv(q, k, v)
+    b, t, _, d, s, _, dv = _check_qkv(q, k, v)
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"causal must be a bool, got {causal!r}")
     if causal and s != t:
@@ -89,8 +87,16 @@ def attention(
     if segment_ids is not None and s != t:
         raise ValueError(f"segment_ids needs as many keys as queries: k has S={s}, q has T={t}")
     validation.check_segment_ids(segment_ids, b, t)
+    if impl == "pallas" and max(d, dv) > flash_attention_config.MAX_HEAD_DIM:
+        raise ValueError(
+            f"impl='pallas' supports head dims up to {flash_attention_config.MAX_HEAD_DIM}, got D={d}, Dv={dv}"
+        )
     scale = d**-0.5 if scale is None else float(scale)
     window = None if window is None else int(window)
     if segment_ids is not None:
         segment_ids = jnp.cumsum(segment_starts(segment_ids, b, t), axis=1, dtype=jnp.int32)
-    return attention_xla(q, k, v, causal=bool(causal), scale=scale, window=window, segment_ids=segment_ids)
+    mask_args = dict(causal=bool(causal), scale=scale, window=window)
+    if impl == "pallas":
+        return flash_attention(q, k, v, segment_ids, **mask_args)
+    # None is "xla": the Pallas kernel has not been measured faster on any platform yet.
+    return attention_xla(q, k, v, segment_ids=segment_ids, **mask_args)

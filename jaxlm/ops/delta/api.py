@@ -23,6 +23,8 @@ _TOKEN_FORMS = {"recurrent": delta_recurrent, "associative": delta_associative}
 def _run(op: str, c: lr.Canonical, g: jax.Array, beta: jax.Array, impl, chunk_size: int):
     """g, beta: [B, T, HV] float32."""
     impl = lr.resolve_impl(impl, op)
+    if impl == "pallas":
+        return lr.run_pallas("delta", c, g, chunk_size, beta)
     if impl == "chunk":
         return lr.run_chunk_form(
             chunk.prepare, chunk.advance, chunk.readout, (c.q, c.k, c.v, g, beta), c.reset, c.s0, chunk_size

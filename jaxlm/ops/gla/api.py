@@ -25,6 +25,8 @@ NORMALIZER_EPS = 1e-10
 def _run(op, c: lr.Canonical, gate, vector_gate: bool, impl, chunk_size):
     """gate: [B, T, HV] (scalar) or [B, T, HV, K] (vector), float32."""
     impl = lr.resolve_impl(impl, op)
+    if impl == "pallas":
+        return lr.run_pallas("gla" if vector_gate else "simple_gla", c, gate, chunk_size)
     if impl == "chunk":
         form = chunk_vector if vector_gate else chunk_scalar
         return lr.run_chunk_form(

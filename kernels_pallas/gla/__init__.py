@@ -1,0 +1,5 @@
+"""Vector-gate (GLA) chunked recurrence kernel with secondary chunking."""
+
+from kernels_pallas.gla.api import gla
+
+__all__ = ["gla"]

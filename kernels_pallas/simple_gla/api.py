@@ -1,0 +1,43 @@
+"""Scalar-gate chunked recurrence (Mamba-2/SSD, RetNet, Lightning, linear attention) as a
+forward and a backward Pallas kernel joined by ``jax.custom_vjp``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from kernels_pallas import common as cm
+from kernels_pallas.simple_gla.backward import backward_step
+from kernels_pallas.simple_gla.forward import forward_step
+
+_run = cm.chunked_recurrence("simple_gla", forward_step, backward_step, n_diff_keys=3)
+
+
+def simple_gla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    b: jax.Array,
+    n: jax.Array,
+    s0: jax.Array,
+    *,
+    chunk: int,
+    **options: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked scalar-gate recurrence in the kernel layout (see kernels_pallas.common).
+
+    Args:
+      q (already scaled), k: [BH, T, K]; v: [BH, T, V]; all float32, T a multiple of ``chunk``,
+        K and V powers of two >= 16.
+      b: [BH, T, 1] inclusive cumsum of the log gates within each chunk, with the gates at
+        resets zeroed; n: [BH, T, 1] number of resets so far within the chunk (a reset clears the
+        state before its token).
+      s0: [BH, K, V] start state.
+      chunk; options (block_v, interpret, driver, precision, num_warps, backend): see
+        ``common.make_config``.
+    Returns:
+      o [BH, T, V] and the final state [BH, K, V], float32. Differentiable in q, k, v, b, s0.
+    """
+    cfg = cm.make_config(chunk, v.shape[-1], **options)
+    return _run((q, k, b, n), v, s0, cfg)

@@ -1,0 +1,55 @@
+"""Backward chunk step of the scalar-gate recurrence (see forward.py for the chunk equations).
+
+Given the chunk's start state S and the cotangents dO and dS' of its output and end state:
+  dV  = (Q Kᵀ ⊙ D)ᵀ dO + (K ⊙ δ) dS'
+  dQ  = (dO Vᵀ ⊙ D) K + γ ⊙ (dO Sᵀ)
+  dK  = (dO Vᵀ ⊙ D)ᵀ Q + δ ⊙ (V dS'ᵀ)
+  dS  = (Q ⊙ γ)ᵀ dO + γ_C dS'
+  db  = rowsum(Q ⊙ dQ) − rowsum(K ⊙ dK) + [t = C−1] Σ(S' ⊙ dS')
+The db line holds because every decay is exp(b_later − b_earlier): a token's cumsum enters with
+a plus sign where it is the later end (its query, the chunk end) and a minus sign where it is
+the earlier one (its key), and the chunk end's terms add up to S' itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels_pallas import common as cm
+
+
+def backward_step(
+    refs: Sequence[Any],
+    do_ref: Any,
+    grad_refs: Sequence[Any],
+    start: Any,
+    s: jax.Array,
+    ds_next: jax.Array,
+    *,
+    chunk: int,
+    precision: Any,
+) -> jax.Array:
+    """refs as in forward_step; grad_refs: dq, dk, db (partial over value blocks), dv."""
+    q_ref, k_ref, b_ref, n_ref, v_ref = refs
+    dq_ref, dk_ref, db_ref, dv_ref = grad_refs
+    rows = pl.ds(start, chunk)
+    q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+    d = cm.scalar_decays(b_ref[rows, :], n_ref[rows, :])
+    keys_to_end = k * d.key
+    s_next = d.chunk * s + cm.mm_tn(keys_to_end, v, precision)
+
+    scores = cm.mm_nt(q, k, precision) * d.pair
+    d_scores = cm.mm_nt(do, v, precision) * d.pair
+    dq = cm.mm(d_scores, k, precision) + d.query * cm.mm_nt(do, s, precision)
+    dk = cm.mm_tn(d_scores, q, precision) + d.key * cm.mm_nt(v, ds_next, precision)
+    db = jnp.sum(q * dq - k * dk, axis=1, keepdims=True) + cm.last_row(cm.total(s_next * ds_next), chunk)
+
+    dq_ref[rows, :] = dq
+    dk_ref[rows, :] = dk
+    db_ref[rows, :] = db
+    dv_ref[rows, :] = cm.mm_tn(scores, do, precision) + cm.mm(keys_to_end, ds_next, precision)
+    return cm.mm_tn(q * d.query, do, precision) + d.chunk * ds_next
