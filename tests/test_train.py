@@ -192,3 +192,20 @@ def test_yaml_config_with_model_overrides_and_flags_on_top(tmp_path):
     path.write_text("preset: gla\nstepz: 7\n")
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['stepz'\]"):
         parse_args(["--config", str(path)])
+
+
+def test_generate_cli_and_fine_tuning_from_a_saved_model(reference_run, tmp_path, capsys):
+    from jaxlm.generate import main as generate_main
+    from jaxlm.training.checkpointing import save_pretrained_model
+
+    out, losses = reference_run
+    generate_main(["--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("def ") and len(printed) > len("def ")
+    model, tokenizer = load_trained_model(out)
+    saved = save_pretrained_model(model, tokenizer, tmp_path / "pretrained")
+    records = run_in_process(tmp_path / "tuned", "--init-from", str(saved), "--steps", "2", "--preset", "transformer")
+    tuned = train_losses(records)
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert config["model"]["layer_pattern"] == "G"  # the saved model's config, not the preset's
+    assert tuned[1] < losses[1] - 0.5  # it starts from the trained parameters

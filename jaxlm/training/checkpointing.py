@@ -64,6 +64,21 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: TrainState) -> tu
     return TrainState(*restored["state"]), {"step": meta["step"], "data": meta["data"]}, rng
 
 
+def save_pretrained_model(model: LM, tokenizer_spec: str, out_dir: str | Path) -> Path:
+    """Writes ``model`` as a run folder without optimizer state: ``config.json`` and
+    ``checkpoints/0/`` with the parameters and other variables. ``python -m jaxlm.generate
+    --checkpoint`` loads it, and ``python -m jaxlm.train --init-from`` starts from it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(out_dir, model.config, tokenizer_spec, {})
+    _, params, others = nnx.split(model, nnx.Param, ...)
+    mgr = manager(out_dir, keep=1)
+    mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "others": others})), force=True)
+    mgr.wait_until_finished()
+    mgr.close()
+    return out_dir
+
+
 def abstract_like(state: TrainState, shardings: TrainState) -> TrainState:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
@@ -83,15 +98,15 @@ def load_trained_model(run_dir: str | Path, step: int | None = None) -> tuple[LM
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), (params, others))
     # Restore only the parameters and variables; the optimizer state stays on disk.
+    item = {"params": abstract[0], "others": abstract[1]}
     restored = mgr.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
-                item={"params": abstract[0], "others": abstract[1]},
-                partial_restore=True,
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
             )
         ),
     )
-    state = restored["state"]
+    state = jax.device_put(restored["state"], device)
     return nnx.merge(graphdef, state["params"], state["others"]), record["tokenizer"]
 

@@ -3,6 +3,7 @@ checkpoints, and the closing sample. ``python -m jaxlm.train`` parses TrainArgs 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -69,9 +70,21 @@ def _check_args(args: TrainArgs, mesh) -> None:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {jax.process_count()} processes")
 
 
-def _model_config(args: TrainArgs, vocab_size: int) -> ModelConfig:
-    overrides = {"vocab_size": vocab_size, "dtype": args.dtype, "remat": args.remat, **args.model_overrides()}
-    config = preset(args.preset, args.size, **overrides)
+def _starting_point(args: TrainArgs) -> tuple[ModelConfig | None, str | None]:
+    """(the model config, the tokenizer spec) of --init-from, or (None, --tokenizer) without it."""
+    if not args.init_from:
+        return None, args.tokenizer
+    record = checkpointing.read_run_config(Path(args.init_from))
+    return ModelConfig().replace(**record["model"]), args.tokenizer or record["tokenizer"]
+
+
+def _model_config(args: TrainArgs, vocab_size: int, base: ModelConfig | None) -> ModelConfig:
+    """The preset with the tokenizer's vocabulary (or --init-from's config) and the overrides."""
+    overrides = {"dtype": args.dtype, "remat": args.remat, **args.model_overrides()}
+    if base is not None:
+        config = base.replace(**overrides)
+    else:
+        config = preset(args.preset, args.size, **{"vocab_size": vocab_size, **overrides})
     if config.vocab_size < vocab_size:
         raise ValueError(f"--model.vocab-size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
     return config
@@ -137,16 +150,17 @@ def train(args: TrainArgs) -> Path:
     _check_args(args, mesh)
     lead = jax.process_index() == 0
     run_dir = args.run_dir()
+    base_config, tokenizer_spec = _starting_point(args)
     stream = data.build(
-        args.data, args.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        args.data, tokenizer_spec, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     tokenizer = stream.tokenizer
     val_batches = data.validation_batches(
-        args.data, args.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size, num_batches=args.eval_batches,
+        args.data, tokenizer_spec, seq_len=args.seq_len, batch_size=args.batch_size, num_batches=args.eval_batches,
         seed=args.seed, process_index=jax.process_index(), process_count=jax.process_count(),
     )
-    config = _model_config(args, tokenizer.vocab_size)
+    config = _model_config(args, tokenizer.vocab_size, base_config)
     _check_run_folder(run_dir, config, tokenizer.spec)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +251,4 @@ def train(args: TrainArgs) -> Path:
 
 
 def _jsonable(args: TrainArgs) -> dict:
-    import dataclasses
-
     return json.loads(json.dumps(dataclasses.asdict(args), default=str))
