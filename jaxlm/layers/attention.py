@@ -27,6 +27,7 @@ from jaxlm.ops.sequence import segment_starts
 # Queries per block when a cached call has many of them (a long prefill): bounds the score
 # tensor to QUERY_BLOCK·(L+T)·H floats, as ops.attention does for the uncached path.
 QUERY_BLOCK = 512
+QK_NORM_SCOPES = ("head", "all")
 
 
 def masked_attention(
@@ -148,7 +149,9 @@ class Attention(nnx.Module):
       rope_theta: RoPE base. rotary_dim: channels rotated per head (even, <= K); default K,
         0 for no position encoding.
       qk_norm: RMSNorm over each head of q and k before RoPE (Qwen3); zero_centered_qk_norm
-        stores those weights as offsets from 1 (Qwen3-Next).
+        stores those weights as offsets from 1 (Qwen3-Next). qk_norm_scope: "head" (the default)
+        normalises each head's K channels; "all" normalises the whole q and k projections, H·K
+        and Hk·K channels, before the split into heads (OLMoE).
       output_gate: multiply the attention output by sigmoid(gate_proj(x)) per channel before
         o_proj (Qwen3-Next's gated attention).
       window: None, or a causal sliding window: t − window < s <= t.
@@ -166,6 +169,7 @@ class Attention(nnx.Module):
         rope_theta: float = 10000.0,
         rotary_dim: int | None = None,
         qk_norm: bool = False,
+        qk_norm_scope: str = "head",
         zero_centered_qk_norm: bool = False,
         output_gate: bool = False,
         window: int | None = None,
@@ -187,6 +191,8 @@ class Attention(nnx.Module):
         check_positive_float(rope_theta=rope_theta, norm_eps=norm_eps)
         if window is not None:
             check_positive(window=window)
+        if qk_norm_scope not in QK_NORM_SCOPES:
+            raise ValueError(f"qk_norm_scope must be one of {list(QK_NORM_SCOPES)}, got {qk_norm_scope!r}")
 
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope_theta, self.rotary_dim, self.window = float(rope_theta), rotary_dim, window
@@ -198,8 +204,10 @@ class Attention(nnx.Module):
         self.gate_proj = dense(d_model, n_heads * head_dim, **kw) if output_gate else None
         self.o_proj = dense(n_heads * head_dim, d_model, **kw)
         norm_kw = dict(eps=norm_eps, zero_centered=zero_centered_qk_norm, dtype=dtype, param_dtype=param_dtype)
-        self.q_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
+        whole = qk_norm_scope == "all"
+        self.qk_norm_scope = qk_norm_scope
+        self.q_norm = RMSNorm(n_heads * head_dim if whole else head_dim, **norm_kw) if qk_norm else None
+        self.k_norm = RMSNorm(n_kv_heads * head_dim if whole else head_dim, **norm_kw) if qk_norm else None
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         """L = max_len slots, or min(window, max_len) for a sliding window.
@@ -223,10 +231,13 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """x: [B, T, D] -> ([B, T, D], the updated cache or None)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_norm is not None and self.qk_norm_scope == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, t, self.n_heads, self.head_dim)
+        k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         positions = jnp.arange(t, dtype=jnp.int32) if cache is None else cache.pos + jnp.arange(t, dtype=jnp.int32)
         rope = dict(theta=self.rope_theta, rotary_dim=self.rotary_dim)

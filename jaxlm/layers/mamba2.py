@@ -29,9 +29,13 @@ class Mamba2(nnx.Module):
 
     Args:
       d_model: D. expand: d_inner = expand·D. head_dim: P, dividing d_inner; HV = d_inner / P heads.
+      n_heads: HV given directly, d_inner = HV·P, expand unused (Nemotron-H's d_inner need not be
+        a multiple of D); default None.
       d_state: N. n_groups: B/C groups, dividing HV. d_conv: W, the conv width.
       a_init_range: A ~ uniform(range) at init. dt_min, dt_max, dt_init_floor: dt ~ log-uniform.
       norm_eps: of the gated RMSNorm. conv_bias: a bias in the conv (mamba_ssm's default).
+      norm_groups: groups the gated RMSNorm normalises separately, dividing d_inner; default
+        n_groups (mamba_ssm); 1 normalises all d_inner channels together (Hugging Face's Mamba2).
       impl, chunk_size: passed to ``ops.simple_gla`` for full sequences and prefill.
     """
 
@@ -50,6 +54,8 @@ class Mamba2(nnx.Module):
         dt_init_floor: float = 1e-4,
         norm_eps: float = 1e-5,
         conv_bias: bool = True,
+        norm_groups: int | None = None,
+        n_heads: int | None = None,
         impl: str | None = None,
         chunk_size: int = 64,
         dtype=jnp.float32,
@@ -59,16 +65,23 @@ class Mamba2(nnx.Module):
         check_positive(
             d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, head_dim=head_dim, n_groups=n_groups
         )
-        d_inner = expand * d_model
-        check_divides("expand * d_model", d_inner, "head_dim", head_dim)
-        n_heads = d_inner // head_dim
-        check_divides("n_heads (expand * d_model / head_dim)", n_heads, "n_groups", n_groups)
+        if n_heads is None:
+            d_inner = expand * d_model
+            check_divides("expand * d_model", d_inner, "head_dim", head_dim)
+            n_heads = d_inner // head_dim
+        else:
+            check_positive(n_heads=n_heads)
+            d_inner = n_heads * head_dim
+        check_divides("n_heads", n_heads, "n_groups", n_groups)
         lo, hi = a_init_range
         if not 0 < lo <= hi:
             raise ValueError(f"a_init_range must be (lo, hi) with 0 < lo <= hi, got {a_init_range!r}")
         check_positive_float(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor, norm_eps=norm_eps)
         if dt_min > dt_max:
             raise ValueError(f"dt_min={dt_min} must be <= dt_max={dt_max}")
+        norm_groups = n_groups if norm_groups is None else norm_groups
+        check_positive(norm_groups=norm_groups)
+        check_divides("d_inner", d_inner, "norm_groups", norm_groups)
 
         self.d_inner, self.d_state, self.n_groups = d_inner, d_state, n_groups
         self.n_heads, self.head_dim, self.d_conv = n_heads, head_dim, d_conv
@@ -83,12 +96,12 @@ class Mamba2(nnx.Module):
         self.A_log = nnx.Param(init.a_log_init(rngs.params(), n_heads, (lo, hi), param_dtype))
         self.dt_bias = nnx.Param(init.dt_bias_init(rngs.params(), n_heads, dt_min, dt_max, dt_init_floor, param_dtype))
         self.D = nnx.Param(jnp.ones((n_heads,), param_dtype))
-        # mamba_ssm's RMSNormGated: gate first, then normalise each group of d_inner / n_groups.
+        # mamba_ssm's RMSNormGated: gate first, then normalise each group of d_inner / norm_groups.
         self.norm = GatedRMSNorm(
             d_inner,
             eps=norm_eps,
             norm_before_gate=False,
-            group_size=d_inner // n_groups,
+            group_size=d_inner // norm_groups,
             dtype=dtype,
             param_dtype=param_dtype,
         )

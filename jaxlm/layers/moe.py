@@ -10,10 +10,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.initializers import INIT_STD
-from jaxlm.layers.mlp import SwiGLU
-from jaxlm.layers.validation import check_positive
+from jaxlm.layers.mlp import ACTIVATIONS, feed_forward
+from jaxlm.layers.validation import check_positive, check_positive_float
 from jaxlm.ops import moe as moe_ops
 from jaxlm.ops.moe import MoEAux
+from jaxlm.ops.moe.dropless import group_by_expert
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class RouterBias(nnx.Variable):
@@ -31,12 +34,12 @@ def _linear_f32(d_in: int, d_out: int, *, param_dtype, rngs: nnx.Rngs) -> nnx.Li
 
 
 class MoE(nnx.Module):
-    """Routed SwiGLU experts plus optional shared experts: ``y, aux = moe(x)``, x [B, T, D].
+    """Routed experts (SwiGLU, or squared ReLU) plus optional shared experts: ``y, aux = moe(x)``, x [B, T, D].
 
     Parameters, all initialised normal(0.02) like every jaxlm layer (jaxlm.layers.initializers):
       router.kernel [D, E] (no bias; logits in float32);
-      w_gate, w_up [E, D, F] and w_down [E, F, D]: the routed experts;
-      shared: a SwiGLU MLP (jaxlm.layers.mlp) of width S = num_shared_experts · shared_d_ff when
+      w_gate, w_up [E, D, F] and w_down [E, F, D]: the routed experts (no w_gate for "relu2");
+      shared: a SwiGLU (or Relu2MLP) of width S = num_shared_experts · shared_d_ff when
         num_shared_experts > 0; S experts of width shared_d_ff always applied and summed are the
         same function as one SwiGLU of their total width (Qwen-MoE, DeepSeek);
       shared_gate.kernel [D, 1] with shared_expert_gate: the shared output is scaled by
@@ -53,6 +56,11 @@ class MoE(nnx.Module):
       renormalize: make the k gates of each token sum to 1.
       shared_expert_gate: gate the shared experts with a per-token sigmoid.
       use_selection_bias: auxiliary-loss-free balancing (DeepSeek-V3).
+      activation: "swiglu" (default) or "relu2", ungated relu(x·W_up)²·W_down experts and shared
+        experts (Nemotron-H). relu2 experts run dropless through ``jax.lax.ragged_dot`` on each
+        device (``relu2_moe``): ops.moe's capacity and expert-parallel paths are SwiGLU only.
+      routed_scale: multiplies the routed experts' output (Nemotron-H's and DeepSeek-V3's
+        routed_scaling_factor); the shared experts are not scaled.
       impl: dropless grouped-matmul form, None (platform default), "ragged_dot" or "tiled".
       dtype: compute dtype of the experts. param_dtype: storage dtype of the parameters.
 
@@ -75,6 +83,8 @@ class MoE(nnx.Module):
         renormalize: bool = False,
         shared_expert_gate: bool = False,
         use_selection_bias: bool = False,
+        activation: str = "swiglu",
+        routed_scale: float = 1.0,
         impl: str | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -90,20 +100,28 @@ class MoE(nnx.Module):
         moe_ops.check_router(router)
         moe_ops.check_capacity_factor(capacity_factor)
         moe_ops.check_grouped_impl(impl)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        if activation == "relu2" and capacity_factor is not None:
+            raise ValueError("activation='relu2' runs dropless only: capacity_factor must be None")
+        check_positive_float(routed_scale=routed_scale)
 
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.capacity_factor, self.router_name, self.renormalize = capacity_factor, router, renormalize
         self.impl, self.dtype = impl, dtype
+        self.activation, self.routed_scale = activation, float(routed_scale)
         self.router = _linear_f32(d_model, num_experts, param_dtype=param_dtype, rngs=rngs)
         init = nnx.initializers.normal(INIT_STD)
-        self.w_gate = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype))
+        gated = activation == "swiglu"
+        self.w_gate = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype)) if gated else None
         self.w_up = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype))
         self.w_down = nnx.Param(init(rngs.params(), (num_experts, d_ff, d_model), param_dtype))
         # Each optional part is assigned once, as a module or None (NNX fixes an attribute's kind
         # on its first assignment).
         width = num_shared_experts * shared_d_ff
         self.shared = (
-            SwiGLU(d_model, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if num_shared_experts else None
+            feed_forward(activation, d_model, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if num_shared_experts else None
         )
         self.shared_gate = _linear_f32(d_model, 1, param_dtype=param_dtype, rngs=rngs) if shared_expert_gate else None
         self.selection_bias = RouterBias(jnp.zeros((num_experts,), jnp.float32)) if use_selection_bias else None
@@ -115,19 +133,21 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         tokens = x.reshape(b * t, d).astype(self.dtype)
         cast = lambda w: w[...].astype(self.dtype)
-        y, aux = moe_ops.moe(
-            tokens,
-            self.router(tokens),
-            cast(self.w_gate),
-            cast(self.w_up),
-            cast(self.w_down),
+        routing = dict(
             top_k=self.top_k,
             router=self.router_name,
             renormalize=self.renormalize,
             selection_bias=None if self.selection_bias is None else self.selection_bias[...],
-            capacity_factor=self.capacity_factor,
-            impl=self.impl,
         )
+        if self.activation == "relu2":
+            y, aux = relu2_moe(tokens, self.router(tokens), cast(self.w_up), cast(self.w_down), **routing)
+        else:
+            y, aux = moe_ops.moe(
+                tokens, self.router(tokens), cast(self.w_gate), cast(self.w_up), cast(self.w_down),
+                capacity_factor=self.capacity_factor, impl=self.impl, **routing,
+            )
+        if self.routed_scale != 1.0:
+            y = (y.astype(jnp.float32) * self.routed_scale).astype(self.dtype)
         if self.shared is not None:
             shared = self.shared(tokens).astype(jnp.float32)
             if self.shared_gate is not None:
@@ -140,3 +160,42 @@ class MoE(nnx.Module):
         if self.selection_bias is None:
             raise ValueError("update_selection_bias needs MoE(..., use_selection_bias=True)")
         self.selection_bias[...] = moe_ops.update_selection_bias(self.selection_bias[...], expert_counts, rate)
+
+
+def relu2_moe(
+    x: jax.Array,
+    logits: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    top_k: int,
+    router: str,
+    renormalize: bool,
+    selection_bias: jax.Array | None,
+) -> tuple[jax.Array, MoEAux]:
+    """Routed squared-ReLU experts, dropless: y_n = Σ_j gate[n, j] · relu(x_n·W_up[e])²·W_down[e]
+    over the experts e = e[n, j] that ``ops.moe.route`` picks.
+
+    x: [N, D]; logits: [N, E] float32; w_up: [E, D, F]; w_down: [E, F, D]. The N·k assignments are
+    sorted by expert and both products run grouped through jax.lax.ragged_dot, accumulating in
+    float32. Returns (y [N, D] in x's dtype, MoEAux with nothing dropped).
+    """
+    num_experts = w_up.shape[0]
+    choice = moe_ops.route(logits, top_k, router=router, renormalize=renormalize, selection_bias=selection_bias)
+    n, k = choice.experts.shape
+    order, sizes = group_by_expert(choice.experts.reshape(-1), num_experts)
+
+    def grouped(a: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.lax.ragged_dot(a, w, sizes, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+    hidden = jnp.square(jax.nn.relu(grouped(x[order // k], w_up)))
+    out = grouped(hidden.astype(x.dtype), w_down)
+    per_assignment = jnp.zeros_like(out).at[order].set(out, unique_indices=True).reshape(n, k, -1)
+    y = jnp.einsum("nk,nkd->nd", choice.weights, per_assignment, precision=_HIGHEST)
+    aux = MoEAux(
+        load_balancing_loss=moe_ops.load_balancing_loss(logits, choice.experts),
+        router_z_loss=moe_ops.router_z_loss(logits),
+        expert_counts=moe_ops.expert_counts(choice.experts, num_experts),
+        dropped_fraction=jnp.zeros((), jnp.float32),
+    )
+    return y.astype(x.dtype), aux

@@ -20,7 +20,8 @@ def build_mixer(kind: str, config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) 
     if kind in "AW":
         return layers.Attention(
             c.d_model, c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
-            rotary_dim=c.rotary_dim, qk_norm=c.qk_norm, zero_centered_qk_norm=c.zero_centered_norm,
+            rotary_dim=c.rotary_dim, qk_norm=c.qk_norm, qk_norm_scope=c.qk_norm_scope,
+            zero_centered_qk_norm=c.zero_centered_norm,
             output_gate=c.attention_output_gate, window=c.window if kind == "W" else None,
             norm_eps=c.norm_eps, **dtypes, rngs=rngs,
         )
@@ -33,7 +34,9 @@ def build_mixer(kind: str, config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) 
     if kind == "M":
         return layers.Mamba2(
             c.d_model, d_state=c.mamba_d_state, d_conv=c.conv_size, expand=c.mamba_expand,
-            head_dim=c.mamba_head_dim, n_groups=c.mamba_n_groups, norm_eps=c.norm_eps, **recurrence,
+            head_dim=c.mamba_head_dim, n_groups=c.mamba_n_groups, norm_groups=c.mamba_norm_groups,
+            n_heads=c.mamba_n_heads,
+            conv_bias=c.mamba_conv_bias, norm_eps=c.norm_eps, **recurrence,
         )
     if kind == "V":
         return layers.GatedLinearAttention(
@@ -43,7 +46,7 @@ def build_mixer(kind: str, config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) 
     if kind == "L":
         return layers.LightningAttention(
             c.d_model, linear_heads, head_dim=c.linear_head_dim, layer_idx=layer_idx, n_layers=c.n_layers,
-            norm_eps=c.norm_eps, **recurrence,
+            norm_eps=c.norm_eps if c.lightning_norm_eps is None else c.lightning_norm_eps, **recurrence,
         )
     if kind == "N":
         return layers.LinearAttention(
@@ -58,24 +61,30 @@ def build_ffn(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module | No
     c = config
     dtypes = dict(dtype=c.compute_dtype, param_dtype=c.storage_dtype, rngs=rngs)
     if kind == "D":
-        return layers.SwiGLU(c.d_model, c.d_ff, **dtypes)
+        return layers.feed_forward(c.mlp_activation, c.d_model, c.d_ff, **dtypes)
     if kind == "E":
         d_expert = c.d_expert or c.d_ff
         return layers.MoE(
             c.d_model, d_expert, c.n_experts, c.top_k, capacity_factor=c.capacity_factor,
             num_shared_experts=c.n_shared_experts, shared_d_ff=c.shared_d_ff or d_expert,
             router=c.router, renormalize=c.renormalize, shared_expert_gate=c.shared_expert_gate,
-            use_selection_bias=c.use_selection_bias, impl=c.moe_impl, **dtypes,
+            use_selection_bias=c.use_selection_bias, activation=c.mlp_activation, routed_scale=c.routed_scale,
+            impl=c.moe_impl, **dtypes,
         )
     return None
 
 
 class Block(nnx.Module):
-    """x [B, T, D] -> x + mixer(norm(x)), then + ffn(norm(x)); either branch may be absent."""
+    """x [B, T, D] -> x + mixer(norm(x)), then + ffn(norm(x)); either branch may be absent.
+
+    With ModelConfig's residual_from_norm, residual_scale α and branch_scale β each branch is
+    x <- α·r + β·f(norm(x)), r = norm(x) or x."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
         mixer_kind, ffn_kind = config.layer_kinds()[layer_idx]
         self.mixer_kind, self.ffn_kind = mixer_kind, ffn_kind
+        self.residual_from_norm = config.residual_from_norm
+        self.scales = (float(config.residual_scale), float(config.branch_scale))
         norm = dict(
             eps=config.norm_eps, zero_centered=config.zero_centered_norm,
             dtype=config.compute_dtype, param_dtype=config.storage_dtype,
@@ -95,14 +104,23 @@ class Block(nnx.Module):
         """Returns (x [B, T, D], the mixer's new cache or None, the MoE aux or None)."""
         new_cache, aux = None, None
         if self.mixer is not None:
-            y, new_cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, cache=cache)
-            x = x + y.astype(x.dtype)
+            h = self.mixer_norm(x)
+            y, new_cache = self.mixer(h, segment_ids=segment_ids, cache=cache)
+            x = self._residual(x, h, y)
         if self.ffn is not None:
             h = self.ffn_norm(x)
             if self.ffn_kind == "E":
                 y, aux = self.ffn(h)
             else:
                 y = self.ffn(h)
-            x = x + y.astype(x.dtype)
+            x = self._residual(x, h, y)
         return x, new_cache, aux
+
+    def _residual(self, x: jax.Array, h: jax.Array, y: jax.Array) -> jax.Array:
+        """α·r + β·y in x's dtype, r = x or (residual_from_norm) h = norm(x)."""
+        r = h.astype(x.dtype) if self.residual_from_norm else x
+        alpha, beta = self.scales
+        if (alpha, beta) == (1.0, 1.0):
+            return r + y.astype(x.dtype)
+        return alpha * r + beta * y.astype(x.dtype)
 

@@ -4,7 +4,7 @@ Layer patterns. ``layer_pattern`` names each layer's token mixer and ``ffn_patte
 feed-forward, one character per layer. Each string is cycled over ``n_layers``, so ``"GGGA"``
 with 8 layers is G G G A G G G A.
 
-  mixer  A  softmax attention (RoPE, GQA; options: qk_norm, attention_output_gate)
+  mixer  A  softmax attention (RoPE, GQA; options: qk_norm and its scope, attention_output_gate)
          W  sliding-window softmax attention, ``window`` tokens
          G  Gated DeltaNet
          M  Mamba-2
@@ -12,13 +12,16 @@ with 8 layers is G G G A G G G A.
          L  Lightning attention (MiniMax)
          N  plain linear attention
          -  none: the layer is a feed-forward block only
-  ffn    D  dense SwiGLU of width d_ff
-         E  Mixture-of-Experts (n_experts routed SwiGLU experts of width d_expert, top_k each)
+  ffn    D  dense MLP of width d_ff (SwiGLU; mlp_activation="relu2": Nemotron-H's relu(up(x))²)
+         E  Mixture-of-Experts (n_experts routed experts of width d_expert, top_k each, with the
+            same activation; routed_scale multiplies their output)
          -  none: the layer is a mixer block only
 
 A layer with both a mixer and a feed-forward is a pre-norm block x += mixer(norm(x));
 x += ffn(norm(x)). A layer with one of them has one residual branch, as in Nemotron-H, whose
-Mamba, attention, MLP and MoE layers each stand alone.
+Mamba, attention, MLP and MoE layers each stand alone. Each branch is in general
+x ← α·r + β·f(norm(x)) with r = x, or r = norm(x) with ``residual_from_norm`` (MiniMax-01's
+post-norm); α = residual_scale and β = branch_scale (DeepNorm), both 1 by default.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ MIXERS = {
     "N": "linear attention",
     "-": "none",
 }
-FFNS = {"D": "dense SwiGLU", "E": "Mixture-of-Experts", "-": "none"}
+FFNS = {"D": "dense MLP", "E": "Mixture-of-Experts", "-": "none"}
+MLP_ACTIVATIONS = ("swiglu", "relu2")
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
+QK_NORM_SCOPES = ("head", "all")
 
 
 @dataclass(frozen=True)
@@ -58,14 +63,18 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     zero_centered_norm: bool = False  # Qwen3-Next: norm weights stored as offsets from 1
+    residual_from_norm: bool = False  # MiniMax-01: each branch adds to norm(x) instead of x
+    residual_scale: float = 1.0  # α in x <- α·residual + β·branch (DeepNorm's α, MiniMax-01)
+    branch_scale: float = 1.0  # β
 
     # Softmax attention (A, W).
     n_heads: int = 4
     n_kv_heads: int | None = None  # default n_heads
     head_dim: int | None = None  # default d_model // n_heads
     rope_theta: float = 10000.0
-    rotary_dim: int | None = None  # channels rotated per head; default head_dim
+    rotary_dim: int | None = None  # channels rotated per head; default head_dim; 0: no RoPE (Nemotron-H)
     qk_norm: bool = False
+    qk_norm_scope: str = "head"  # "head": each head's channels (Qwen3); "all": the whole q and k projections (OLMoE)
     attention_output_gate: bool = False
     window: int = 512
 
@@ -77,14 +86,19 @@ class ModelConfig:
     conv_size: int = 4
     allow_neg_eigval: bool = False
     gla_gate_low_rank_dim: int = 16
+    lightning_norm_eps: float | None = None  # Lightning attention's output RMSNorm; default norm_eps
 
     # Mamba-2 (M).
     mamba_d_state: int = 64
     mamba_expand: int = 2
     mamba_head_dim: int = 64
     mamba_n_groups: int = 1
+    mamba_n_heads: int | None = None  # SSM heads; default mamba_expand·d_model / mamba_head_dim
+    mamba_norm_groups: int | None = None  # groups of the gated output norm; default mamba_n_groups (1: HF Mamba2)
+    mamba_conv_bias: bool = True
 
     # Feed-forward (D, E).
+    mlp_activation: str = "swiglu"  # of every feed-forward: "swiglu" or "relu2" (ungated, Nemotron-H)
     d_ff: int = 512
     n_experts: int = 8
     top_k: int = 2
@@ -96,6 +110,7 @@ class ModelConfig:
     renormalize: bool = False
     use_selection_bias: bool = False
     capacity_factor: float | None = None  # None: dropless
+    routed_scale: float = 1.0  # multiplies the routed experts' output (routed_scaling_factor)
 
     # Execution.
     impl: str | None = None  # recurrence form for full sequences and prefill; None: the fastest
@@ -163,8 +178,9 @@ def _check(config: ModelConfig) -> None:
     _positive_ints(config, "gla_gate_low_rank_dim", "mamba_d_state", "mamba_expand", "mamba_head_dim")
     _positive_ints(config, "mamba_n_groups", "d_ff", "n_experts", "top_k", "chunk_size")
     _optional_positive_ints(
-        config, "n_kv_heads", "head_dim", "rotary_dim", "linear_n_heads", "linear_head_dim",
-        "linear_n_v_heads", "linear_head_v_dim", "d_expert", "shared_d_ff",
+        config, "n_kv_heads", "head_dim", "linear_n_heads", "linear_head_dim",
+        "linear_n_v_heads", "linear_head_v_dim", "d_expert", "shared_d_ff", "mamba_norm_groups",
+        "mamba_n_heads",
     )
     _check_pattern("layer_pattern", config.layer_pattern, MIXERS)
     _check_pattern("ffn_pattern", config.ffn_pattern, FFNS)
@@ -177,13 +193,28 @@ def _check(config: ModelConfig) -> None:
     for name in ("dtype", "param_dtype"):
         if getattr(config, name) not in DTYPES:
             raise ValueError(f"ModelConfig.{name} must be one of {list(DTYPES)}, got {getattr(config, name)!r}")
+    if config.lightning_norm_eps is not None and not (
+        isinstance(config.lightning_norm_eps, (int, float)) and 0 < config.lightning_norm_eps < float("inf")
+    ):
+        raise ValueError(f"ModelConfig.lightning_norm_eps must be None or positive, got {config.lightning_norm_eps!r}")
+    rotary_dim = config.rotary_dim
+    if rotary_dim is not None and (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 0):
+        raise ValueError(f"ModelConfig.rotary_dim must be None or an int >= 0, got {config.rotary_dim!r}")
+    if config.mlp_activation not in MLP_ACTIVATIONS:
+        raise ValueError(
+            f"ModelConfig.mlp_activation must be one of {list(MLP_ACTIVATIONS)}, got {config.mlp_activation!r}"
+        )
+    if config.qk_norm_scope not in QK_NORM_SCOPES:
+        raise ValueError(
+            f"ModelConfig.qk_norm_scope must be one of {list(QK_NORM_SCOPES)}, got {config.qk_norm_scope!r}"
+        )
     if config.router not in ROUTERS:
         raise ValueError(f"ModelConfig.router must be one of {list(ROUTERS)}, got {config.router!r}")
     if config.top_k > config.n_experts:
         raise ValueError(f"ModelConfig.top_k={config.top_k} must be <= n_experts={config.n_experts}")
     if isinstance(config.n_shared_experts, bool) or not isinstance(config.n_shared_experts, int) or config.n_shared_experts < 0:
         raise ValueError(f"ModelConfig.n_shared_experts must be an int >= 0, got {config.n_shared_experts!r}")
-    for name in ("norm_eps", "rope_theta"):
+    for name in ("norm_eps", "rope_theta", "routed_scale", "residual_scale", "branch_scale"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")

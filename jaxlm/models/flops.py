@@ -87,8 +87,11 @@ def _mixer(kind: str, c: ModelConfig, seq_len: int) -> tuple[int, int, float, fl
         proj = 2 * d * h * k + d * hv * v + 2 * d * hv + d * hv * v + hv * v * d
         return proj, c.conv_size * (2 * h * k + hv * v), 0.0, hv * delta_chunk_flops(k, v, chunk)
     if kind == "M":
-        d_inner = c.mamba_expand * d
-        heads = d_inner // c.mamba_head_dim
+        if c.mamba_n_heads:
+            heads, d_inner = c.mamba_n_heads, c.mamba_n_heads * c.mamba_head_dim
+        else:
+            d_inner = c.mamba_expand * d
+            heads = d_inner // c.mamba_head_dim
         conv_dim = d_inner + 2 * c.mamba_n_groups * c.mamba_d_state
         proj = d * (d_inner + conv_dim + heads) + d_inner * d  # in_proj [z, xBC, dt], out_proj
         mixing = heads * scalar_chunk_flops(c.mamba_d_state, c.mamba_head_dim, chunk)
@@ -115,13 +118,14 @@ def _mixer(kind: str, c: ModelConfig, seq_len: int) -> tuple[int, int, float, fl
 def _ffn_weights(kind: str, c: ModelConfig) -> int:
     """Matmul weights one token passes through in a feed-forward: only its active experts."""
     d = c.d_model
+    matrices = 2 if c.mlp_activation == "relu2" else 3  # relu2 is ungated: up and down only
     if kind == "D":
-        return 3 * d * c.d_ff
+        return matrices * d * c.d_ff
     if kind == "E":
         d_expert = c.d_expert or c.d_ff
         shared = c.n_shared_experts * (c.shared_d_ff or d_expert)
         gate = d if c.shared_expert_gate and c.n_shared_experts else 0
-        return d * c.n_experts + c.top_k * 3 * d * d_expert + 3 * d * shared + gate
+        return d * c.n_experts + c.top_k * matrices * d * d_expert + matrices * d * shared + gate
     return 0
 
 

@@ -1,0 +1,114 @@
+"""Hugging Face checkpoints in and out: ``load(path) -> LM`` and ``save(model, path)``.
+
+A checkpoint folder holds ``config.json`` and ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``), as transformers' ``save_pretrained`` writes it. The config's
+``architectures[0]`` picks the mapping (``SUPPORTED``); an architecture or option jaxlm cannot
+express exactly raises ValueError naming it and listing what is supported.
+
+Parameter placement (``mesh``): every parameter is replicated over the mesh, except the MoE
+expert weights ``w_gate``, ``w_up`` and ``w_down`` [E, ...], whose expert axis is split over the
+mesh axis ``expert`` when the mesh has one and its size divides E (what the expert-parallel
+MoE path expects). Without a mesh, parameters land on the default device.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxlm.interop import hf_mamba, hf_minimax, hf_nemotron_h, hf_qwen3_next, hf_transformer
+from jaxlm.interop.hf_config import Architecture
+from jaxlm.interop.hf_tensors import SINGLE_FILE, CheckpointReader, fill_model, model_tensors, write_safetensors
+from jaxlm.models import LM, ModelConfig
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in hf_transformer.ARCHITECTURES + hf_mamba.ARCHITECTURES + hf_qwen3_next.ARCHITECTURES
+    + hf_nemotron_h.ARCHITECTURES + hf_minimax.ARCHITECTURES
+}
+SUPPORTED = tuple(ARCHITECTURES)
+DTYPES = ("float32", "bfloat16")
+
+
+def read_config(path: str | Path) -> dict:
+    """The checkpoint's config.json as a dict."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{path} is not a Hugging Face checkpoint folder: config.json is missing")
+    return json.loads(file.read_text())
+
+
+def architecture_of(hf: dict) -> Architecture:
+    names = hf.get("architectures") or []
+    if len(names) != 1 or names[0] not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {names}; supported: {', '.join(SUPPORTED)}")
+    return ARCHITECTURES[names[0]]
+
+
+def to_model_config(hf: dict, dtype: str = "float32") -> ModelConfig:
+    """The jaxlm ModelConfig of an HF config dict, computing and storing in ``dtype``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return architecture_of(hf).to_config(hf).replace(dtype=dtype, param_dtype=dtype)
+
+
+def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None) -> LM:
+    """The LM of a Hugging Face checkpoint folder, parameters in ``dtype`` ("float32" or
+    "bfloat16", for compute and storage alike), placed on ``mesh`` as the module docstring says.
+
+    The model is built abstractly and filled tensor by tensor: the checkpoint is never in memory
+    twice. Every checkpoint tensor must be used (apart from ones transformers ignores or
+    recomputes too: multi-token-prediction heads, MiniMax's decay buffers), so a mapping gap is
+    an error, not a silent skip.
+    """
+    hf = read_config(path)
+    arch = architecture_of(hf)
+    config = to_model_config(hf, dtype)
+    rules = arch.rules(config)
+    abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
+    with CheckpointReader(path) as reader:
+        wanted = {name for rule in rules for name in rule.hf}
+        extra = sorted(n for n in reader.names() - wanted if not any(re.search(p, n) for p in arch.ignored))
+        if extra:
+            shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+            raise ValueError(f"{arch.name}: the checkpoint has tensors this mapping does not use: {shown}")
+        missing = sorted(wanted - reader.names())
+        if missing:
+            raise ValueError(f"{arch.name}: the checkpoint lacks the tensors {missing[:8]}")
+        return fill_model(abstract, rules, reader, mesh)
+
+
+def to_hf_config(config: ModelConfig, architecture: str | None = None) -> dict:
+    """The HF config.json of a jaxlm config: as ``architecture``, or the first of SUPPORTED that
+    can express it. ValueError, with each architecture's reason, when none can."""
+    if architecture is not None:
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED)}")
+        return ARCHITECTURES[architecture].from_config(config)
+    reasons = []
+    for arch in ARCHITECTURES.values():
+        try:
+            return arch.from_config(config)
+        except ValueError as e:
+            reasons.append(str(e))
+    raise ValueError("no supported Hugging Face architecture expresses this config:\n  " + "\n  ".join(reasons))
+
+
+def save(model: LM, path: str | Path, architecture: str | None = None) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` to the folder ``path`` in the layout
+    transformers loads (``architecture`` as in ``to_hf_config``), in the parameters' dtype. A
+    tied head is not written, as save_pretrained does, nor are buffers transformers derives from
+    the config (MiniMax's decays); load followed by save gives back every other original tensor
+    bit for bit."""
+    if not isinstance(model, LM):
+        raise ValueError(f"model must be a jaxlm.models.LM, got {type(model).__name__}")
+    hf = to_hf_config(model.config, architecture)
+    tensors = model_tensors(model, ARCHITECTURES[hf["architectures"][0]].rules(model.config))
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    write_safetensors(tensors, folder / SINGLE_FILE)
