@@ -26,6 +26,17 @@ def _call_block(block: Block, x, segment_ids, cache):
     return block(x, segment_ids=segment_ids, cache=cache)
 
 
+def _call_block_remat(block: Block, x, segment_ids, cache):
+    """The block under jax.checkpoint, as a pure function of its state: the backward pass
+    recomputes its activations. (A block never mutates itself, so nothing flows back.)"""
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, segment_ids, cache):
+        return nnx.merge(graphdef, state)(x, segment_ids=segment_ids, cache=cache)
+
+    return jax.checkpoint(run)(state, x, segment_ids, cache)
+
+
 class LM(nnx.Module):
     """``LM(config, rngs=nnx.Rngs(seed))``; ``model(tokens)`` -> LMOutput.
 
@@ -64,7 +75,7 @@ class LM(nnx.Module):
         """
         self._check_inputs(tokens, segment_ids, cache)
         x = self.embed(tokens).astype(jnp.float32)
-        run_block = nnx.remat(_call_block) if self.config.remat else _call_block
+        run_block = _call_block_remat if self.config.remat else _call_block
         caches = [None] * len(self.blocks) if cache is None else list(cache)
         new_caches, moe_aux = [], []
         for block, layer_cache in zip(self.blocks, caches):
