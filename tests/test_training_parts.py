@@ -118,3 +118,19 @@ def test_sharding_rules():
     assert spec(("embed", "embedding"), (256, d)) == P("tensor", "fsdp")
     assert spec(("blocks", "mixer_norm", "weight"), (d,)) == P(None)
     assert spec(("blocks", "mixer", "a_proj", "kernel"), (d, 3)) == P("fsdp", None)  # 3 is indivisible
+
+
+def test_remat_train_step_equals_the_plain_one():
+    """--remat recomputes activations in the backward pass of the jitted functional step; the
+    update is the same."""
+    tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 9)))
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": jnp.zeros((2, 8), jnp.int32),
+             "loss_mask": jnp.ones((2, 8), jnp.float32)}
+    results = []
+    for remat in (False, True):
+        graphdef, state = init_state(LM(preset("gdn_h1", n_layers=2, remat=remat), rngs=nnx.Rngs(0)), tx)
+        step = jax.jit(make_train_step(graphdef, tx, schedule, LossWeights(), 1, False))
+        results.append(step(state, batch, jnp.int32(0)))
+    assert float(results[0][1]["loss"]) == pytest.approx(float(results[1][1]["loss"]), rel=1e-6)
+    assert_close(results[1][0].params, results[0][0].params, F32_GRAD, "params after one SGD step")
