@@ -1,7 +1,8 @@
 """Mixture-of-Experts: routing, balancing, dropless and capacity execution, expert parallelism.
 
 References are written here from the definitions, in float64 numpy: every expert applied to
-every token, weighted by the top-k gates (zero for the experts a token did not choose).
+every token, weighted by the top-k gates (zero for the experts a token did not choose). Each
+check runs for both expert activations: SwiGLU and Nemotron-H's ungated relu² (no w_gate).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ def normal(seed, shape, scale=1.0):
     return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
-def expert_weights(seed, e=E, d=D, f=F):
-    return normal(seed, (e, d, f), d**-0.5), normal(seed + 1, (e, d, f), d**-0.5), normal(seed + 2, (e, f, d), f**-0.5)
+def expert_weights(seed, e=E, d=D, f=F, activation="swiglu"):
+    """(w_gate, w_up, w_down), w_gate None for the ungated relu2 experts."""
+    w_gate = normal(seed, (e, d, f), d**-0.5) if activation == "swiglu" else None
+    return w_gate, normal(seed + 1, (e, d, f), d**-0.5), normal(seed + 2, (e, f, d), f**-0.5)
 
 
 # ---------------------------------------------------------------- float64 references
@@ -58,15 +61,27 @@ def np_swiglu(x, wg, wu, wd):
     return (g / (1 + np.exp(-g)) * (x @ wu)) @ wd
 
 
+def np_relu2(x, wu, wd):
+    return np.maximum(x @ wu, 0.0) ** 2 @ wd
+
+
+def np_expert(x, wg, wu, wd):
+    """One expert in float64: SwiGLU, or relu2 when wg is None."""
+    f64 = lambda a: np.asarray(a, np.float64)
+    return np_relu2(f64(x), f64(wu), f64(wd)) if wg is None else np_swiglu(f64(x), f64(wg), f64(wu), f64(wd))
+
+
 def np_dense_moe(x, weights, experts, w_gate, w_up, w_down, keep=None):
     """Every expert on every token, summed with a dense [N, E] gate matrix."""
     x = np.asarray(x, np.float64)
-    wg, wu, wd = (np.asarray(w, np.float64) for w in (w_gate, w_up, w_down))
-    gates = np.zeros((x.shape[0], wg.shape[0]))
+    num_experts = w_up.shape[0]
+    gates = np.zeros((x.shape[0], num_experts))
     kept = np.ones(experts.shape, bool) if keep is None else keep
     for n, j in np.ndindex(experts.shape):
         gates[n, experts[n, j]] += weights[n, j] * kept[n, j]
-    outs = np.stack([np_swiglu(x, wg[e], wu[e], wd[e]) for e in range(wg.shape[0])])  # [E, N, D]
+    outs = np.stack(
+        [np_expert(x, None if w_gate is None else w_gate[e], w_up[e], w_down[e]) for e in range(num_experts)]
+    )  # [E, N, D]
     return np.einsum("ne,end->nd", gates, outs)
 
 
@@ -92,11 +107,24 @@ def unit_scale(layer, seed):
     return layer
 
 
-def jax_dense_moe(x, weights, experts, w_gate, w_up, w_down):
-    """The same dense reference in jax float32, for gradients."""
-    gates = jnp.sum(jax.nn.one_hot(experts, w_gate.shape[0]) * weights[..., None], axis=1)  # [N, E]
-    outs = jax.vmap(moe_ops.swiglu, in_axes=(None, 0, 0, 0))(x, w_gate, w_up, w_down)  # [E, N, D]
-    return jnp.einsum("ne,end->nd", gates, outs, precision="highest")
+def jax_expert(x, wg, wu, wd):
+    """One expert in jax float32, from the formulas: SwiGLU, or relu2 when wg is None."""
+    dot = lambda a, b: jnp.dot(a, b, precision="highest")
+    h = jnp.maximum(dot(x, wu), 0.0) ** 2 if wg is None else jax.nn.silu(dot(x, wg)) * dot(x, wu)
+    return dot(h, wd)
+
+
+def jax_dense_moe(x, weights, experts, w_gate, w_up, w_down, keep=None):
+    """The same dense reference in jax float32, for gradients; keep [N, k] masks dropped assignments."""
+    gates = jax.nn.one_hot(experts, w_up.shape[0]) * weights[..., None]  # [N, k, E]
+    if keep is not None:
+        gates = gates * keep[..., None]
+    outs = jax.vmap(jax_expert, in_axes=(None, 0, 0, 0))(x, w_gate, w_up, w_down)  # [E, N, D]
+    return jnp.einsum("ne,end->nd", jnp.sum(gates, axis=1), outs, precision="highest")
+
+
+def num_leaves(tree):
+    return len(jax.tree.leaves(tree))
 
 
 # ---------------------------------------------------------------- routing
@@ -131,23 +159,27 @@ def test_selection_bias_changes_choice_not_weights(router):
 # ---------------------------------------------------------------- dropless
 
 
+@pytest.mark.parametrize("activation", moe_ops.ACTIVATIONS)
 @pytest.mark.parametrize("impl", moe_ops.GROUPED_IMPLS)
 @pytest.mark.parametrize(
     "router,renormalize,top_k", [("softmax_topk", False, 2), ("topk_softmax", False, 3), ("sigmoid", True, 1)]
 )
-def test_dropless_matches_dense_reference(impl, router, renormalize, top_k):
+def test_dropless_matches_dense_reference(activation, impl, router, renormalize, top_k):
     x, logits = normal(2, (N, D)), normal(3, (N, E), 2.0)
-    w = expert_weights(4)
-    y, aux = moe_ops.moe(x, logits, *w, top_k=top_k, router=router, renormalize=renormalize, impl=impl)
+    w = expert_weights(4, activation=activation)
+    y, aux = moe_ops.moe(
+        x, logits, *w, top_k=top_k, router=router, renormalize=renormalize, activation=activation, impl=impl
+    )
     weights, experts = np_route(logits, top_k, router, renormalize)
     assert_close(y, np_dense_moe(x, weights, experts, *w), F32_OUT, "y")
     assert float(aux.dropped_fraction) == 0.0
 
 
+@pytest.mark.parametrize("activation", moe_ops.ACTIVATIONS)
 @pytest.mark.parametrize("impl", moe_ops.GROUPED_IMPLS)
-def test_dropless_gradients_match_dense(impl):
+def test_dropless_gradients_match_dense(impl, activation):
     x, logits = normal(5, (N, D)), normal(6, (N, E), 2.0)
-    w = expert_weights(7)
+    w = expert_weights(7, activation=activation)
     cot = normal(8, (N, D))
 
     def loss(fn, x, logits, *w):
@@ -155,27 +187,32 @@ def test_dropless_gradients_match_dense(impl):
         return jnp.sum(cot * fn(x, routing, *w))
 
     def dropless(x, routing, *w):
-        return moe_ops.dropless_moe(x, routing.weights, routing.experts, *w, impl=impl)
+        return moe_ops.dropless_moe(x, routing.weights, routing.experts, *w, activation=activation, impl=impl)
 
     dense = lambda x, r, *w: jax_dense_moe(x, r.weights, r.experts, *w)
     args = (x, logits, *w)
     got = jax.grad(lambda *a: loss(dropless, *a), argnums=(0, 1, 2, 3, 4))(*args)
     want = jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2, 3, 4))(*args)
+    # x, logits, w_up, w_down and, for SwiGLU, w_gate: every gradient is compared.
+    assert num_leaves(got) == (5 if activation == "swiglu" else 4)
     assert_close(got, want, F32_GRAD, "grads of x, logits, w_gate, w_up, w_down")
 
 
-def test_tiled_handles_empty_groups_and_padding_rows():
+@pytest.mark.parametrize("activation", moe_ops.ACTIVATIONS)
+def test_tiled_handles_empty_groups_and_padding_rows(activation):
     # Groups of sizes 0, 5, 0, 3 and two padding rows past the last group, which must come back 0.
     x = normal(9, (10, D))
-    w = expert_weights(10, e=4)
+    w = expert_weights(10, e=4, activation=activation)
     sizes = jnp.array([0, 5, 0, 3], jnp.int32)
-    got = moe_ops.grouped_swiglu(x, *w, sizes, impl="tiled")
     ids = np.repeat(np.arange(4), np.asarray(sizes))
     want = np.zeros((10, D))
     for r, e in enumerate(ids):
-        want[r] = np_swiglu(np.asarray(x[r : r + 1], np.float64), *(np.asarray(a[e], np.float64) for a in w))[0]
-    assert_close(got, want, F32_OUT, "tiled")
-    assert_close(moe_ops.grouped_swiglu(x, *w, sizes, impl="ragged_dot"), want, F32_OUT, "ragged_dot")
+        want[r] = np_expert(x[r : r + 1], *(None if a is None else a[e] for a in w))[0]
+    for impl in moe_ops.GROUPED_IMPLS:
+        got = moe_ops.grouped_experts(x, *w, sizes, activation=activation, impl=impl)
+        assert_close(got, want, F32_OUT, impl)
+        if activation == "swiglu":
+            np.testing.assert_array_equal(moe_ops.grouped_swiglu(x, *w, sizes, impl=impl), got)
 
 
 # ---------------------------------------------------------------- capacity
@@ -189,15 +226,16 @@ def test_capacity_slots_priority():
     np.testing.assert_array_equal(keep, [[True, False], [True, True], [True, True]])
 
 
+@pytest.mark.parametrize("activation", moe_ops.ACTIVATIONS)
 @pytest.mark.parametrize("top_k,capacity_factor", [(1, 1.0), (2, 0.5)])
-def test_capacity_drops_exactly_the_overflow(top_k, capacity_factor):
+def test_capacity_drops_exactly_the_overflow(top_k, capacity_factor, activation):
     # Every token's first choice is expert 0 and its second expert 1: expert 0 (and 1) can keep
     # only C = ceil(cf · N·k / E) tokens, the first C in token order.
     n, e = 8, 4
     x = normal(11, (n, D))
     logits = jnp.tile(jnp.array([8.0, 4.0, 0.0, 0.0]), (n, 1))
-    w = expert_weights(12, e=e)
-    y, aux = moe_ops.moe(x, logits, *w, top_k=top_k, capacity_factor=capacity_factor)
+    w = expert_weights(12, e=e, activation=activation)
+    y, aux = moe_ops.moe(x, logits, *w, top_k=top_k, capacity_factor=capacity_factor, activation=activation)
     capacity = math.ceil(capacity_factor * n * top_k / e)
     assert capacity == 2
     assert float(aux.dropped_fraction) == pytest.approx((n * top_k - top_k * capacity) / (n * top_k))
@@ -210,15 +248,43 @@ def test_capacity_drops_exactly_the_overflow(top_k, capacity_factor):
     np.testing.assert_array_equal(y[capacity:], 0.0)  # dropped tokens get nothing
 
 
-def test_capacity_matches_dense_reference_with_drops():
+@pytest.mark.parametrize("activation", moe_ops.ACTIVATIONS)
+def test_capacity_matches_dense_reference_with_drops(activation):
     x, logits = normal(13, (N, D)), normal(14, (N, E), 2.0)
-    w = expert_weights(15)
-    y, aux = moe_ops.moe(x, logits, *w, top_k=2, capacity_factor=0.75)
+    w = expert_weights(15, activation=activation)
+    y, aux = moe_ops.moe(x, logits, *w, top_k=2, capacity_factor=0.75, activation=activation)
     weights, experts = np_route(logits, 2, "softmax_topk")
     keep = np_capacity_keep(experts, E, math.ceil(0.75 * N * 2 / E))
     assert 0 < (~keep).sum() < keep.size  # some, not all, assignments dropped
     assert float(aux.dropped_fraction) == pytest.approx((~keep).mean())
     assert_close(y, np_dense_moe(x, weights, experts, *w, keep=keep), F32_OUT, "y")
+
+
+@pytest.mark.parametrize("activation", moe_ops.ACTIVATIONS)
+def test_capacity_gradients_match_dense(activation):
+    x, logits = normal(25, (N, D)), normal(26, (N, E), 2.0)
+    w = expert_weights(27, activation=activation)
+    cot = normal(28, (N, D))
+    capacity = math.ceil(0.75 * N * 2 / E)
+
+    def loss(capacity_path, x, logits, *w):
+        routing = moe_ops.route(logits, 2)
+        slot, keep = moe_ops.capacity_slots(routing.experts, E, capacity)
+        if capacity_path:
+            y = moe_ops.capacity_moe(
+                x, routing.weights, routing.experts, slot, keep, *w, capacity=capacity, activation=activation
+            )
+        else:
+            y = jax_dense_moe(x, routing.weights, routing.experts, *w, keep=keep)
+        return jnp.sum(cot * y)
+
+    args = (x, logits, *w)
+    got = jax.grad(lambda *a: loss(True, *a), argnums=(0, 1, 2, 3, 4))(*args)
+    want = jax.grad(lambda *a: loss(False, *a), argnums=(0, 1, 2, 3, 4))(*args)
+    _, keep = moe_ops.capacity_slots(moe_ops.route(logits, 2).experts, E, capacity)
+    assert 0 < int(jnp.sum(~keep)) < keep.size  # the drops are part of what is differentiated
+    assert num_leaves(got) == (5 if activation == "swiglu" else 4)
+    assert_close(got, want, F32_GRAD, "grads of x, logits, w_gate, w_up, w_down")
 
 
 # ---------------------------------------------------------------- balancing
@@ -280,21 +346,26 @@ def test_layer_selection_bias_is_not_a_param_and_steers_routing():
 # ---------------------------------------------------------------- shared experts
 
 
+@pytest.mark.parametrize("activation,routed_scale", [("swiglu", 1.0), ("relu2", 2.5)])
 @pytest.mark.parametrize("gated", [False, True])
-def test_shared_experts_and_gate(gated):
+def test_shared_experts_and_gate(gated, activation, routed_scale):
     layer = MoE(
-        D, F, E, 2, num_shared_experts=2, shared_d_ff=6, shared_expert_gate=gated, renormalize=True, rngs=nnx.Rngs(2)
+        D, F, E, 2, num_shared_experts=2, shared_d_ff=6, shared_expert_gate=gated, renormalize=True,
+        activation=activation, routed_scale=routed_scale, rngs=nnx.Rngs(2),
     )
     unit_scale(layer, 30)
-    assert layer.shared.gate_proj.kernel.shape == (D, 12)  # 2 shared experts of width 6
+    assert layer.shared.up_proj.kernel.shape == (D, 12)  # 2 shared experts of width 6
+    assert (layer.w_gate is None) == (activation == "relu2")  # relu2 experts are ungated
     x = normal(22, (2, 5, D))
     y, _ = layer(x)
     xs = np.asarray(x, np.float64).reshape(-1, D)
     logits = xs @ np.asarray(layer.router.kernel[...], np.float64)
     weights, experts = np_route(logits, 2, "softmax_topk", renormalize=True)
-    routed = np_dense_moe(xs, weights, experts, layer.w_gate[...], layer.w_up[...], layer.w_down[...])
+    w_gate = None if layer.w_gate is None else layer.w_gate[...]
+    routed = routed_scale * np_dense_moe(xs, weights, experts, w_gate, layer.w_up[...], layer.w_down[...])
     s = layer.shared
-    shared = np_swiglu(xs, *(np.asarray(p.kernel[...], np.float64) for p in (s.gate_proj, s.up_proj, s.down_proj)))
+    shared_gate = s.gate_proj.kernel[...] if activation == "swiglu" else None  # Relu2MLP has no gate_proj
+    shared = np_expert(xs, shared_gate, s.up_proj.kernel[...], s.down_proj.kernel[...])
     if gated:
         shared = shared / (1 + np.exp(-(xs @ np.asarray(layer.shared_gate.kernel[...], np.float64))))
     assert np.sqrt(np.mean(shared**2)) > 0.1 * np.sqrt(np.mean(routed**2)) > 1e-2  # both parts matter
@@ -318,6 +389,7 @@ def _layer_loss_and_grads(layer, x, cot):
     return run, params
 
 
+@pytest.mark.parametrize("activation", moe_ops.ACTIVATIONS)
 @pytest.mark.parametrize(
     "mesh_shape,axis_type,capacity_factor,batch,time",
     [
@@ -327,8 +399,9 @@ def _layer_loss_and_grads(layer, x, cot):
         ((8, 1), AxisType.Explicit, 1.0, 2, 4),  # no expert split: each device runs its tokens
     ],
 )
-def test_expert_parallel_equals_single_device(mesh_shape, axis_type, capacity_factor, batch, time):
-    layer = unit_scale(MoE(D, F, 16, 2, capacity_factor=capacity_factor, rngs=nnx.Rngs(3)), 40)
+def test_expert_parallel_equals_single_device(mesh_shape, axis_type, capacity_factor, batch, time, activation):
+    layer = MoE(D, F, 16, 2, capacity_factor=capacity_factor, activation=activation, rngs=nnx.Rngs(3))
+    layer = unit_scale(layer, 40)
     x = normal(23, (batch, time, D))
     cot = normal(24, (batch, time, D))
     run, params = _layer_loss_and_grads(layer, x, cot)
@@ -345,7 +418,8 @@ def test_expert_parallel_equals_single_device(mesh_shape, axis_type, capacity_fa
     assert_close(grads1[1], grads0[1], F32_GRAD, "dx")
     flat0, tree0 = jax.tree_util.tree_flatten_with_path(grads0[0])
     flat1, tree1 = jax.tree_util.tree_flatten(grads1[0])
-    assert tree0 == tree1 and len(flat0) == 4  # router.kernel, w_gate, w_up, w_down
+    # router.kernel, w_up, w_down and, for SwiGLU, w_gate
+    assert tree0 == tree1 and len(flat0) == (4 if activation == "swiglu" else 3)
     for (path, g0), g1 in zip(flat0, flat1):
         assert float(jnp.max(jnp.abs(g0))) > 0, f"{jax.tree_util.keystr(path)}: zero reference gradient"
         assert_close(g1, g0, F32_GRAD, f"d{jax.tree_util.keystr(path)}")
@@ -366,6 +440,7 @@ def test_expert_parallel_equals_single_device(mesh_shape, axis_type, capacity_fa
         (dict(capacity_factor=float("nan")), "capacity_factor"),
         (dict(capacity_factor=True), "capacity_factor"),
         (dict(impl="megablox"), "impl"),
+        (dict(activation="gelu"), "activation"),
         (dict(num_shared_experts=-1), "num_shared_experts"),
         (dict(shared_expert_gate=True), "shared_expert_gate"),
     ],
@@ -386,6 +461,16 @@ def test_bad_input_raises():
         layer.update_selection_bias(jnp.ones(E), 0.1)
     with pytest.raises(ValueError, match="logits must have shape"):
         moe_ops.moe(jnp.zeros((4, D)), jnp.zeros((4, E + 1)), *expert_weights(0), top_k=2)
+    x, logits = jnp.zeros((4, D)), jnp.zeros((4, E))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        moe_ops.moe(x, logits, *expert_weights(0), top_k=2, activation="gelu")
+    with pytest.raises(ValueError, match="w_gate must be None for activation='relu2'"):
+        moe_ops.moe(x, logits, *expert_weights(0), top_k=2, activation="relu2")
+    with pytest.raises(ValueError, match=r"w_gate must have shape \[E, D=8, F\] for activation='swiglu', got None"):
+        moe_ops.moe(x, logits, *expert_weights(0, activation="relu2"), top_k=2)
+    w_gate, w_up, _ = expert_weights(0, activation="relu2")
+    with pytest.raises(ValueError, match=r"w_down must have shape \[E=8, F=12, D=8\]"):
+        moe_ops.moe(x, logits, w_gate, w_up, jnp.zeros((E, F + 1, D)), top_k=2, activation="relu2")
 
 
 def test_experts_not_divisible_by_expert_axis_raises():

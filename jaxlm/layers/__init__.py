@@ -9,7 +9,7 @@ from jaxlm.layers.lightning import LightningAttention, lightning_log_decay
 from jaxlm.layers.linear_attention import LinearAttention
 from jaxlm.layers.mamba2 import Mamba2
 from jaxlm.layers.mlp import Relu2MLP, SwiGLU, feed_forward
-from jaxlm.layers.moe import MoE, RouterBias, relu2_moe
+from jaxlm.layers.moe import MoE, RouterBias
 from jaxlm.layers.norms import GatedRMSNorm, RMSNorm, gated_rms_norm, rms_norm
 from jaxlm.layers.rotary import apply_rope, rope_frequencies
 
@@ -17,5 +17,5 @@ __all__ = [
     "Attention", "Embedding", "GatedDeltaNet", "GatedLinearAttention", "GatedRMSNorm", "KVCache",
     "LightningAttention", "LinearAttention", "Mamba2", "MoE", "RMSNorm", "RecurrentCache", "Relu2MLP", "RouterBias",
     "SwiGLU", "apply_rope", "cached_attention", "feed_forward", "gated_rms_norm", "l2_normalize",
-    "lightning_log_decay", "masked_attention", "relu2_moe", "rms_norm", "rope_frequencies",
+    "lightning_log_decay", "masked_attention", "rms_norm", "rope_frequencies",
 ]

@@ -14,9 +14,6 @@ from jaxlm.layers.mlp import ACTIVATIONS, feed_forward
 from jaxlm.layers.validation import check_positive, check_positive_float
 from jaxlm.ops import moe as moe_ops
 from jaxlm.ops.moe import MoEAux
-from jaxlm.ops.moe.dropless import group_by_expert
-
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class RouterBias(nnx.Variable):
@@ -57,8 +54,8 @@ class MoE(nnx.Module):
       shared_expert_gate: gate the shared experts with a per-token sigmoid.
       use_selection_bias: auxiliary-loss-free balancing (DeepSeek-V3).
       activation: "swiglu" (default) or "relu2", ungated relu(x·W_up)²·W_down experts and shared
-        experts (Nemotron-H). relu2 experts run dropless through ``jax.lax.ragged_dot`` on each
-        device (``relu2_moe``): ops.moe's capacity and expert-parallel paths are SwiGLU only.
+        experts (Nemotron-H). Either runs through ``jaxlm.ops.moe.moe`` on every path: dropless,
+        capacity and expert-parallel.
       routed_scale: multiplies the routed experts' output (Nemotron-H's and DeepSeek-V3's
         routed_scaling_factor); the shared experts are not scaled.
       impl: dropless grouped-matmul form, None (platform default), "ragged_dot" or "tiled".
@@ -102,8 +99,6 @@ class MoE(nnx.Module):
         moe_ops.check_grouped_impl(impl)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-        if activation == "relu2" and capacity_factor is not None:
-            raise ValueError("activation='relu2' runs dropless only: capacity_factor must be None")
         check_positive_float(routed_scale=routed_scale)
 
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
@@ -139,13 +134,11 @@ class MoE(nnx.Module):
             renormalize=self.renormalize,
             selection_bias=None if self.selection_bias is None else self.selection_bias[...],
         )
-        if self.activation == "relu2":
-            y, aux = relu2_moe(tokens, self.router(tokens), cast(self.w_up), cast(self.w_down), **routing)
-        else:
-            y, aux = moe_ops.moe(
-                tokens, self.router(tokens), cast(self.w_gate), cast(self.w_up), cast(self.w_down),
-                capacity_factor=self.capacity_factor, impl=self.impl, **routing,
-            )
+        w_gate = None if self.w_gate is None else cast(self.w_gate)
+        y, aux = moe_ops.moe(
+            tokens, self.router(tokens), w_gate, cast(self.w_up), cast(self.w_down),
+            capacity_factor=self.capacity_factor, activation=self.activation, impl=self.impl, **routing,
+        )
         if self.routed_scale != 1.0:
             y = (y.astype(jnp.float32) * self.routed_scale).astype(self.dtype)
         if self.shared is not None:
@@ -161,41 +154,3 @@ class MoE(nnx.Module):
             raise ValueError("update_selection_bias needs MoE(..., use_selection_bias=True)")
         self.selection_bias[...] = moe_ops.update_selection_bias(self.selection_bias[...], expert_counts, rate)
 
-
-def relu2_moe(
-    x: jax.Array,
-    logits: jax.Array,
-    w_up: jax.Array,
-    w_down: jax.Array,
-    *,
-    top_k: int,
-    router: str,
-    renormalize: bool,
-    selection_bias: jax.Array | None,
-) -> tuple[jax.Array, MoEAux]:
-    """Routed squared-ReLU experts, dropless: y_n = Σ_j gate[n, j] · relu(x_n·W_up[e])²·W_down[e]
-    over the experts e = e[n, j] that ``ops.moe.route`` picks.
-
-    x: [N, D]; logits: [N, E] float32; w_up: [E, D, F]; w_down: [E, F, D]. The N·k assignments are
-    sorted by expert and both products run grouped through jax.lax.ragged_dot, accumulating in
-    float32. Returns (y [N, D] in x's dtype, MoEAux with nothing dropped).
-    """
-    num_experts = w_up.shape[0]
-    choice = moe_ops.route(logits, top_k, router=router, renormalize=renormalize, selection_bias=selection_bias)
-    n, k = choice.experts.shape
-    order, sizes = group_by_expert(choice.experts.reshape(-1), num_experts)
-
-    def grouped(a: jax.Array, w: jax.Array) -> jax.Array:
-        return jax.lax.ragged_dot(a, w, sizes, precision=_HIGHEST, preferred_element_type=jnp.float32)
-
-    hidden = jnp.square(jax.nn.relu(grouped(x[order // k], w_up)))
-    out = grouped(hidden.astype(x.dtype), w_down)
-    per_assignment = jnp.zeros_like(out).at[order].set(out, unique_indices=True).reshape(n, k, -1)
-    y = jnp.einsum("nk,nkd->nd", choice.weights, per_assignment, precision=_HIGHEST)
-    aux = MoEAux(
-        load_balancing_loss=moe_ops.load_balancing_loss(logits, choice.experts),
-        router_z_loss=moe_ops.router_z_loss(logits),
-        expert_counts=moe_ops.expert_counts(choice.experts, num_experts),
-        dropped_fraction=jnp.zeros((), jnp.float32),
-    )
-    return y.astype(x.dtype), aux

@@ -16,7 +16,7 @@ from jaxlm.ops.moe import balancing
 from jaxlm.ops.moe.capacity import capacity_moe, capacity_slots, check_capacity_factor, expert_capacity
 from jaxlm.ops.moe.dropless import dropless_moe
 from jaxlm.ops.moe.expert_parallel import EXPERT_AXIS, active_mesh, expert_axis_size, expert_parallel_moe, place
-from jaxlm.ops.moe.experts import check_grouped_impl
+from jaxlm.ops.moe.experts import check_activation, check_grouped_impl
 from jaxlm.ops.moe.routing import check_router, route
 
 
@@ -44,15 +44,24 @@ def check_expert_split(num_experts: int, axis_size: int) -> None:
         )
 
 
-def _check_shapes(x, logits, w_gate, w_up, w_down, selection_bias) -> None:
+def _check_shapes(x, logits, w_gate, w_up, w_down, selection_bias, activation) -> None:
     if np.ndim(x) != 2:
         raise ValueError(f"x must have shape [N, D] (rank 2), got shape {np.shape(x)}")
     n, d = np.shape(x)
-    if np.ndim(w_gate) != 3 or np.shape(w_gate)[1] != d:
-        raise ValueError(f"w_gate must have shape [E, D={d}, F], got {np.shape(w_gate)}")
-    e, _, f = np.shape(w_gate)
-    if np.shape(w_up) != (e, d, f):
-        raise ValueError(f"w_up must have shape [E={e}, D={d}, F={f}], got {np.shape(w_up)}")
+    if activation == "relu2":
+        if w_gate is not None:
+            raise ValueError(f"w_gate must be None for activation='relu2' (ungated experts), got {np.shape(w_gate)}")
+        if np.ndim(w_up) != 3 or np.shape(w_up)[1] != d:
+            raise ValueError(f"w_up must have shape [E, D={d}, F], got {np.shape(w_up)}")
+        e, _, f = np.shape(w_up)
+    else:
+        if w_gate is None:
+            raise ValueError(f"w_gate must have shape [E, D={d}, F] for activation={activation!r}, got None")
+        if np.ndim(w_gate) != 3 or np.shape(w_gate)[1] != d:
+            raise ValueError(f"w_gate must have shape [E, D={d}, F], got {np.shape(w_gate)}")
+        e, _, f = np.shape(w_gate)
+        if np.shape(w_up) != (e, d, f):
+            raise ValueError(f"w_up must have shape [E={e}, D={d}, F={f}], got {np.shape(w_up)}")
     if np.shape(w_down) != (e, f, d):
         raise ValueError(f"w_down must have shape [E={e}, F={f}, D={d}], got {np.shape(w_down)}")
     if np.shape(logits) != (n, e):
@@ -64,7 +73,7 @@ def _check_shapes(x, logits, w_gate, w_up, w_down, selection_bias) -> None:
 def moe(
     x: jax.Array,
     logits: jax.Array,
-    w_gate: jax.Array,
+    w_gate: jax.Array | None,
     w_up: jax.Array,
     w_down: jax.Array,
     *,
@@ -73,18 +82,22 @@ def moe(
     renormalize: bool = False,
     selection_bias: jax.Array | None = None,
     capacity_factor: float | None = None,
+    activation: str = "swiglu",
     impl: str | None = None,
 ) -> tuple[jax.Array, MoEAux]:
-    """Routed SwiGLU experts: y_n = Σ_j gate[n, j] · expert_{e[n, j]}(x_n) over the kept assignments.
+    """Routed experts: y_n = Σ_j gate[n, j] · expert_{e[n, j]}(x_n) over the kept assignments.
 
     Args:
       x: [N, D] tokens, in the compute dtype.
       logits: [N, E] router logits (float32 recommended: the choice is sensitive to rounding).
-      w_gate, w_up: [E, D, F]; w_down: [E, F, D], in x's dtype.
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D], in x's dtype. w_gate is None for "relu2".
       top_k: experts per token, in [1, E].
       router, renormalize, selection_bias: see routing.route.
       capacity_factor: None for dropless execution; otherwise each expert takes at most
         ceil(capacity_factor · N·k / E) assignments and the rest are dropped (capacity.py).
+      activation: the expert, one of experts.ACTIVATIONS: "swiglu",
+        (silu(x·W_gate) ⊙ x·W_up)·W_down, or "relu2", relu(x·W_up)²·W_down (Nemotron-H). Every
+        execution path (dropless, capacity, expert-parallel) takes either.
       impl: the grouped-matmul form of dropless execution, None or one of GROUPED_IMPLS.
     Returns:
       y [N, D] in x's dtype, and MoEAux.
@@ -93,7 +106,8 @@ def moe(
     over the ``expert`` axis with all-to-all when it has size > 1, otherwise each device runs its
     own tokens. The result equals the single-device one.
     """
-    _check_shapes(x, logits, w_gate, w_up, w_down, selection_bias)
+    check_activation(activation)
+    _check_shapes(x, logits, w_gate, w_up, w_down, selection_bias, activation)
     num_tokens, num_experts = np.shape(logits)
     check_top_k(top_k, num_experts)
     check_router(router)
@@ -112,14 +126,17 @@ def moe(
         # [N, k] int gather when the tokens are sharded over Explicit axes).
         slot, keep = capacity_slots(place(experts, P()), num_experts, capacity)
 
+    expert_weights = (w_gate, w_up, w_down)
     if active_mesh() is not None:
         y = expert_parallel_moe(
-            x, routing.weights, experts, keep, w_gate, w_up, w_down, capacity=capacity, impl=impl
+            x, routing.weights, experts, keep, *expert_weights, capacity=capacity, activation=activation, impl=impl
         )
     elif capacity is None:
-        y = dropless_moe(x, routing.weights, experts, w_gate, w_up, w_down, impl=impl)
+        y = dropless_moe(x, routing.weights, experts, *expert_weights, activation=activation, impl=impl)
     else:
-        y = capacity_moe(x, routing.weights, experts, slot, keep, w_gate, w_up, w_down, capacity=capacity)
+        y = capacity_moe(
+            x, routing.weights, experts, slot, keep, *expert_weights, capacity=capacity, activation=activation
+        )
 
     aux = MoEAux(
         load_balancing_loss=balancing.load_balancing_loss(logits, experts),

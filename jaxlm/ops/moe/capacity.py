@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxlm.ops.moe.experts import batched_swiglu
+from jaxlm.ops.moe.experts import batched_experts
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -57,25 +57,27 @@ def capacity_moe(
     experts: jax.Array,
     slot: jax.Array,
     keep: jax.Array,
-    w_gate: jax.Array,
+    w_gate: jax.Array | None,
     w_up: jax.Array,
     w_down: jax.Array,
     *,
     capacity: int,
+    activation: str = "swiglu",
 ) -> jax.Array:
     """y_n = Σ_j keep[n, j] · weights[n, j] · expert_{experts[n, j]}(x_n), on one device.
 
     Args:
       x: [N, D]. weights: [N, k] float32. experts, slot: [N, k] int32. keep: [N, k] bool.
-      w_gate, w_up: [E, D, F]; w_down: [E, F, D]. capacity: C, the buffer rows per expert.
+      w_gate (None for "relu2"), w_up: [E, D, F]; w_down: [E, F, D].
+      capacity: C, the buffer rows per expert. activation: one of experts.ACTIVATIONS.
     Returns:
       [N, D] float32.
     """
-    num_experts = w_gate.shape[0]
+    num_experts = w_up.shape[0]
     to_expert = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32) * keep[..., None]  # [N, k, E]
     to_slot = jax.nn.one_hot(slot, capacity, dtype=jnp.float32)  # [N, k, C]
     dispatch = jnp.einsum("nke,nkc->nec", to_expert, to_slot)  # 0/1: which slot holds token n
     combine = jnp.einsum("nke,nkc->nec", to_expert * weights[..., None], to_slot)
     buffers = jnp.einsum("nec,nd->ecd", dispatch.astype(x.dtype), x, precision=_HIGHEST)
-    out = batched_swiglu(buffers, w_gate, w_up, w_down)  # [E, C, D]
+    out = batched_experts(buffers, w_gate, w_up, w_down, activation=activation)  # [E, C, D]
     return jnp.einsum("nec,ecd->nd", combine, out, precision=_HIGHEST)

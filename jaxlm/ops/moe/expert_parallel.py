@@ -11,7 +11,7 @@ single-device ones. Each device then:
 1. packs each assignment's token into a send buffer [n, R, D], row block j for device j;
 2. ``all_to_all`` over ``expert``: block j goes to device j, which now holds the rows for its
    experts from every device;
-3. runs its experts on those rows (grouped SwiGLU, as in dropless.py);
+3. runs its experts on those rows (grouped experts, as in dropless.py);
 4. ``all_to_all`` back, and sums each token's returned rows with its gates.
 
 With no ``expert`` axis, or one of size 1, steps 1, 2 and 4 vanish: each device runs its own
@@ -26,6 +26,7 @@ accept more than E_l·C rows. Empty rows carry the id E_l, which no expert owns.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -75,11 +76,12 @@ def expert_parallel_moe(
     weights: jax.Array,
     experts: jax.Array,
     keep: jax.Array,
-    w_gate: jax.Array,
+    w_gate: jax.Array | None,
     w_up: jax.Array,
     w_down: jax.Array,
     *,
     capacity: int | None = None,
+    activation: str = "swiglu",
     impl: str | None = None,
 ) -> jax.Array:
     """y_n = Σ_j keep[n, j] · weights[n, j] · expert_{experts[n, j]}(x_n), sharded over the mesh.
@@ -88,16 +90,17 @@ def expert_parallel_moe(
 
     Args:
       x: [N, D]. weights: [N, k] float32. experts: [N, k] int32. keep: [N, k] bool, False for
-        assignments dropped by a capacity. w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+        assignments dropped by a capacity. w_gate (None for "relu2"), w_up: [E, D, F];
+        w_down: [E, F, D].
       capacity: C per expert when a capacity applies (it bounds the buffers), else None.
-      impl: the grouped_swiglu form.
+      activation: one of experts.ACTIVATIONS. impl: the grouped_experts form.
     Returns:
       [N, D] float32, laid out like x over Explicit mesh axes.
     """
     mesh = active_mesh()
     sizes = dict(mesh.shape)
     n = sizes.get(EXPERT_AXIS, 1)
-    num_experts = w_gate.shape[0]
+    num_experts = w_up.shape[0]
     local_experts = num_experts // n
     tokens, top_k = experts.shape
     token_axes = tuple(a for a in mesh.axis_names if a in TOKEN_AXES)
@@ -114,6 +117,8 @@ def expert_parallel_moe(
     if capacity is not None:
         rows = min(rows, local_experts * capacity)
 
+    run = functools.partial(run_experts, activation=activation, impl=impl)
+
     def exchange(x, experts, keep, w_gate, w_up, w_down):
         """[N_l, D] tokens -> [N_l·k, D] expert outputs per assignment, via the expert devices."""
         dest = jnp.where(keep, experts // local_experts, n).reshape(-1)  # n: sent nowhere
@@ -126,7 +131,7 @@ def expert_parallel_moe(
         ids = ids.at[dest, row].set(experts.reshape(-1) % local_experts, mode="drop")
         recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True)
         recv_ids = jax.lax.all_to_all(ids, EXPERT_AXIS, 0, 0, tiled=True)
-        out = run_experts(recv.reshape(n * rows, -1), recv_ids.reshape(-1), w_gate, w_up, w_down, impl=impl)
+        out = run(recv.reshape(n * rows, -1), recv_ids.reshape(-1), w_gate, w_up, w_down)
         back = jax.lax.all_to_all(out.reshape(n, rows, -1), EXPERT_AXIS, 0, 0, tiled=True)
         return back.at[dest, row].get(mode="fill", fill_value=0)
 
@@ -135,13 +140,15 @@ def expert_parallel_moe(
             per_assignment = exchange(x, experts, keep, w_gate, w_up, w_down)
         else:
             ids = jnp.where(keep, experts, num_experts).reshape(-1)  # E: dropped, computed by no expert
-            per_assignment = run_experts(x[jnp.arange(ids.size) // top_k], ids, w_gate, w_up, w_down, impl=impl)
+            per_assignment = run(x[jnp.arange(ids.size) // top_k], ids, w_gate, w_up, w_down)
         gates = jnp.where(keep, weights, 0.0)
         return jnp.einsum("nk,nkd->nd", gates, per_assignment.reshape(local_tokens, top_k, -1), precision=_HIGHEST)
 
     tok = P(token_axes)
     expert_spec = P(EXPERT_AXIS) if n > 1 else P()
     specs = (tok,) * 4 + (expert_spec,) * 3
-    args = tuple(place(a, s) for a, s in zip((x, weights, experts, keep, w_gate, w_up, w_down), specs))
+    # No w_gate ("relu2") travels as None, an empty pytree that its spec covers.
+    inputs = (x, weights, experts, keep, w_gate, w_up, w_down)
+    args = tuple(None if a is None else place(a, s) for a, s in zip(inputs, specs))
     y = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=tok)(*args)
     return jax.lax.slice_in_dim(place(y, x_spec), 0, tokens)

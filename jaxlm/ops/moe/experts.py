@@ -1,10 +1,19 @@
-"""The SwiGLU expert, y = (silu(x·W_gate) ⊙ (x·W_up))·W_down, in three layouts.
+"""The expert feed-forward, in two activations and three layouts.
 
 Dimension letters: M rows, D model width, F hidden width, G groups (experts), C capacity.
 
-- ``swiglu``: one expert on any leading shape (shared experts, dense references);
-- ``batched_swiglu``: E experts on E equal-size buffers (the capacity path);
-- ``grouped_swiglu``: G experts on rows sorted by expert, in groups of any size (dropless).
+Activations (ACTIVATIONS):
+
+- ``"swiglu"``: y = (silu(x·W_gate) ⊙ (x·W_up))·W_down (Llama, Qwen, Mixtral, DeepSeek);
+- ``"relu2"``: y = relu(x·W_up)²·W_down, ungated, no W_gate (Nemotron-H).
+
+Layouts:
+
+- ``expert``: one expert on any leading shape (shared experts, dense references);
+- ``batched_experts``: E experts on E equal-size buffers (the capacity path);
+- ``grouped_experts``: G experts on rows sorted by expert, in groups of any size (dropless).
+
+``swiglu``, ``batched_swiglu`` and ``grouped_swiglu`` are the SwiGLU forms of the three.
 
 Products accumulate in float32 at HIGHEST precision, so TPU and GPU do not drop to bf16 or
 TF32 passes; the hidden activation is cast back to x's dtype before the down projection, as a
@@ -13,28 +22,20 @@ dense layer computing in that dtype would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
+ACTIVATIONS = ("swiglu", "relu2")
 GROUPED_IMPLS = ("ragged_dot", "tiled")
 _HIGHEST = jax.lax.Precision.HIGHEST
 _MAX_TILE = 512  # largest tile of the "tiled" form: full matmul speed on CPU, bounded padding per group
 
 
-def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
-
-
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """x: [..., D]; w_gate, w_up: [D, F]; w_down: [F, D]. Returns [..., D] float32."""
-    h = jax.nn.silu(_einsum("...d,df->...f", x, w_gate)) * _einsum("...d,df->...f", x, w_up)
-    return _einsum("...f,fd->...d", h.astype(x.dtype), w_down)
-
-
-def batched_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """x: [G, M, D]; w_gate, w_up: [G, D, F]; w_down: [G, F, D]. Expert g on x[g]: [G, M, D] float32."""
-    h = jax.nn.silu(_einsum("gmd,gdf->gmf", x, w_gate)) * _einsum("gmd,gdf->gmf", x, w_up)
-    return _einsum("gmf,gfd->gmd", h.astype(x.dtype), w_down)
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
 
 
 def check_grouped_impl(impl: str | None) -> None:
@@ -42,11 +43,87 @@ def check_grouped_impl(impl: str | None) -> None:
         raise ValueError(f"impl must be None or one of {list(GROUPED_IMPLS)}, got {impl!r}")
 
 
+def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _hidden(
+    dot: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    w_gate: jax.Array | None,
+    w_up: jax.Array,
+    activation: str,
+) -> jax.Array:
+    """The hidden activation [..., F] float32, from ``dot(x, w)``, the layout's up product."""
+    up = dot(x, w_up)
+    if activation == "relu2":
+        return jnp.square(jax.nn.relu(up))
+    return jax.nn.silu(dot(x, w_gate)) * up
+
+
+def expert(
+    x: jax.Array, w_gate: jax.Array | None, w_up: jax.Array, w_down: jax.Array, *, activation: str = "swiglu"
+) -> jax.Array:
+    """One expert. x: [..., D]; w_gate (None for "relu2"), w_up: [D, F]; w_down: [F, D].
+    Returns [..., D] float32."""
+    h = _hidden(lambda a, w: _einsum("...d,df->...f", a, w), x, w_gate, w_up, activation)
+    return _einsum("...f,fd->...d", h.astype(x.dtype), w_down)
+
+
+def batched_experts(
+    x: jax.Array, w_gate: jax.Array | None, w_up: jax.Array, w_down: jax.Array, *, activation: str = "swiglu"
+) -> jax.Array:
+    """Expert g on x[g]. x: [G, M, D]; w_gate (None for "relu2"), w_up: [G, D, F]; w_down: [G, F, D].
+    Returns [G, M, D] float32."""
+    h = _hidden(lambda a, w: _einsum("gmd,gdf->gmf", a, w), x, w_gate, w_up, activation)
+    return _einsum("gmf,gfd->gmd", h.astype(x.dtype), w_down)
+
+
 def default_grouped_impl() -> str:
     """XLA:CPU lowers ragged_dot to a masked product over every group (G times the work of the
     rows themselves), so CPU gets the tiled form. On GPU and TPU jax emits XLA's ragged-dot
     instruction, which compiles to a grouped matmul."""
     return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def grouped_experts(
+    x: jax.Array,
+    w_gate: jax.Array | None,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    activation: str = "swiglu",
+    impl: str | None = None,
+) -> jax.Array:
+    """Expert g applied to its own run of rows.
+
+    Args:
+      x: [M, D] rows sorted by group: the first group_sizes[0] rows belong to expert 0, and so
+        on. Rows past sum(group_sizes) are padding.
+      w_gate (None for "relu2"), w_up: [G, D, F]. w_down: [G, F, D].
+      group_sizes: [G] int32, summing to at most M.
+      activation: one of ACTIVATIONS.
+      impl: "ragged_dot" (jax.lax.ragged_dot), "tiled" (fixed-size tiles, one expert each, as
+        a batched matmul) or None for default_grouped_impl().
+    Returns:
+      [M, D] float32; padding rows are zero.
+    """
+    check_activation(activation)
+    check_grouped_impl(impl)
+    if (impl or default_grouped_impl()) == "ragged_dot":
+        return _ragged_experts(x, w_gate, w_up, w_down, group_sizes, activation)
+    return _tiled_experts(x, w_gate, w_up, w_down, group_sizes, activation)
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """x: [..., D]; w_gate, w_up: [D, F]; w_down: [F, D]. Returns [..., D] float32."""
+    return expert(x, w_gate, w_up, w_down, activation="swiglu")
+
+
+def batched_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """x: [G, M, D]; w_gate, w_up: [G, D, F]; w_down: [G, F, D]. Expert g on x[g]: [G, M, D] float32."""
+    return batched_experts(x, w_gate, w_up, w_down, activation="swiglu")
 
 
 def grouped_swiglu(
@@ -58,28 +135,16 @@ def grouped_swiglu(
     *,
     impl: str | None = None,
 ) -> jax.Array:
-    """Expert g applied to its own run of rows.
-
-    Args:
-      x: [M, D] rows sorted by group: the first group_sizes[0] rows belong to expert 0, and so
-        on. Rows past sum(group_sizes) are padding.
-      w_gate, w_up: [G, D, F]. w_down: [G, F, D]. group_sizes: [G] int32, summing to at most M.
-      impl: "ragged_dot" (jax.lax.ragged_dot), "tiled" (fixed-size tiles, one expert each, as
-        a batched matmul) or None for default_grouped_impl().
-    Returns:
-      [M, D] float32; padding rows are zero.
-    """
-    check_grouped_impl(impl)
-    if (impl or default_grouped_impl()) == "ragged_dot":
-        return _ragged_swiglu(x, w_gate, w_up, w_down, group_sizes)
-    return _tiled_swiglu(x, w_gate, w_up, w_down, group_sizes)
+    """grouped_experts with SwiGLU experts: x [M, D], w_gate, w_up [G, D, F], w_down [G, F, D],
+    group_sizes [G] -> [M, D] float32."""
+    return grouped_experts(x, w_gate, w_up, w_down, group_sizes, activation="swiglu", impl=impl)
 
 
-def _ragged_swiglu(x, w_gate, w_up, w_down, group_sizes):
+def _ragged_experts(x, w_gate, w_up, w_down, group_sizes, activation):
     def dot(a, w):
         return jax.lax.ragged_dot(a, w, group_sizes, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
-    h = jax.nn.silu(dot(x, w_gate)) * dot(x, w_up)
+    h = _hidden(dot, x, w_gate, w_up, activation)
     return dot(h.astype(x.dtype), w_down)
 
 
@@ -92,11 +157,11 @@ def _tile_rows(rows: int, groups: int) -> int:
     return min(_MAX_TILE, 1 << (mean - 1).bit_length())
 
 
-def _tiled_swiglu(x, w_gate, w_up, w_down, group_sizes):
+def _tiled_experts(x, w_gate, w_up, w_down, group_sizes, activation):
     """Pads each group to whole tiles, so that every tile belongs to one expert, and runs the
     tiles as one batched matmul against their experts' gathered weights."""
     rows, width = x.shape
-    groups = w_gate.shape[0]
+    groups = w_up.shape[0]
     tile = _tile_rows(rows, groups)
     # Σ_g ceil(size_g / tile) < rows / tile + G, so this many tiles always suffice.
     num_tiles = -(-rows // tile) + groups
@@ -112,7 +177,11 @@ def _tiled_swiglu(x, w_gate, w_up, w_down, group_sizes):
     tiles = jnp.zeros((num_tiles * tile, width), x.dtype).at[dest].set(x, mode="drop")
     # Tiles past the last group compute on zeros with the last expert; their rows are never read.
     tile_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right"), groups - 1)
-    out = batched_swiglu(
-        tiles.reshape(num_tiles, tile, width), w_gate[tile_group], w_up[tile_group], w_down[tile_group]
+    out = batched_experts(
+        tiles.reshape(num_tiles, tile, width),
+        None if w_gate is None else w_gate[tile_group],
+        w_up[tile_group],
+        w_down[tile_group],
+        activation=activation,
     )
     return out.reshape(num_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
