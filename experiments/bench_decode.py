@@ -15,11 +15,16 @@ is ``model(token[:, None], cache=cache)`` compiled once per cache shape; it is t
 The cache is donated and chained from step to step, as a decode loop does. A step's cost depends
 on the cache's size, not its contents, so the cache at context C is synthetic rather than
 prefilled: ``init_cache(max_len=C + 1)`` with every KV cache at ``pos = C``, ``key_doc = 0`` on the
-C written slots, ``doc = 0`` and random keys and values, so the step attends over C real keys (and
-its own); recurrent states and conv states are random. At the first context the script also
+C written slots, ``doc = 0`` and random keys and values (of init_cache's shapes, so in the cache's
+head-major layout), so the step attends over C real keys (and its own); recurrent states and conv
+states are random. At the first context the script also
 prefills C real tokens through the model, checks that the prefilled cache has the synthetic one's
 structure, shapes, dtypes, positions and document numbers (which alone decide what a step reads),
 and times a decode step from it beside the synthetic one.
+
+At the ``--nnx-jit-at`` contexts the script also reads the compiled step's optimized HLO and lists
+every copy (transposed or not) with as many elements as a KV cache array: a step that reads its
+cache where it lies has none (the token-major cache of before had two per attention layer and step).
 
 Timings are best-of-N: ``--rounds`` interleaved rounds over every case, each timing at least
 ``--repeats`` chained steps and at least ``--min-seconds`` of them (so cheap steps get many more
@@ -32,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -74,6 +81,7 @@ class Case:
     compile_s: float
     times: dict[str, list[float]] = field(default_factory=dict)  # all samples, seconds
     round_best: dict[str, list[float]] = field(default_factory=dict)  # best sample of each round
+    cache_copies: list[str] | None = None  # HLO copies of a whole KV cache array; None: not checked
 
     @property
     def label(self) -> str:
@@ -97,7 +105,7 @@ def cache_bytes(cache: tuple) -> tuple[int, int]:
 def synthetic_cache(model: LM, context: int, seed: int = 0) -> tuple:
     """A cache of ``context + 1`` slots that looks as if ``context`` tokens of one document had been
     prefilled: KV caches at pos = context with key_doc 0 on the written slots, random keys and
-    values; random recurrent and conv states."""
+    values in init_cache's shapes ([B, Hk, L, ·], head-major); random recurrent and conv states."""
     layers = model.init_cache(batch_size=1, max_len=context + 1)
     key = jax.random.key(seed)
     out = []
@@ -163,6 +171,22 @@ def make_steps(model: LM) -> dict[str, Step]:
         "compiled": lambda tokens, cache: pure(state, tokens, cache),
         "nnx_jit": lambda tokens, cache: under_nnx(model, tokens, cache),
     }
+
+
+def cache_copies(model: LM, cache: tuple) -> list[str]:
+    """The copy instructions in the compiled decode step's optimized HLO (compiled here, not run)
+    that write as many elements as one KV cache array holds: each moves a whole cache array. XLA
+    materialises a transpose as a copy into the new layout, so transposed copies count too."""
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, tokens, c: _decode(nnx.merge(graphdef, s), tokens, c), donate_argnums=(2,))
+    text = step.lower(state, jnp.ones((1, 1), jnp.int32), cache).compile().as_text()
+    sizes = {math.prod(x.shape) for layer in cache if isinstance(layer, KVCache) for x in (layer.k, layer.v)}
+    hits = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* copy\(", line)
+        if m and math.prod(int(d) for d in m.group(1).split(",") if d) in sizes:
+            hits.append(line.strip()[:160])
+    return hits
 
 
 def timed_steps(step: Step, tokens: jax.Array, cache: tuple, n: int, min_seconds: float = 0.0
@@ -233,9 +257,15 @@ def main(argv: list[str] | None = None) -> None:
             methods = METHODS if ctx in nnx_at else ("compiled",)
             case = build_case(model, name, ctx, origin, steps, tokens, methods)
             cases.append(case)
+            hlo = ""
+            if origin == "synthetic" and ctx in nnx_at and case.attention_bytes:
+                case.cache_copies = cache_copies(model, synthetic_cache(model, ctx))
+                hlo = f"; HLO: {len(case.cache_copies)} copies of a whole KV cache array"
             print(f"[setup] {case.label} cache {(case.attention_bytes + case.recurrent_bytes) / 2**20:9.2f} MiB "
                   f"(attention {case.attention_bytes / 2**20:.2f}, recurrent {case.recurrent_bytes / 2**20:.2f}); "
-                  f"compile+warm-up {case.compile_s:.1f} s", flush=True)
+                  f"compile+warm-up {case.compile_s:.1f} s{hlo}", flush=True)
+            for line in (case.cache_copies or [])[:4]:
+                print(f"    {line}", flush=True)
 
     for r in range(args.rounds):
         for case in cases:
@@ -347,6 +377,12 @@ def _targets(cases: list[Case], contexts: list[int]) -> None:
         if len(tail) >= 2:
             slope = np.polyfit(np.log([c.context for c in tail]), np.log([min(c.times["compiled"]) for c in tail]), 1)[0]
             print(f"  {name}: log-log slope of the compiled step time over contexts >= 8K: {slope:.2f}")
+    checked = [c for c in cases if c.cache_copies is not None]
+    if checked:
+        n = sum(len(c.cache_copies) for c in checked)
+        where = ", ".join(f"{c.preset}@{c.context}: {len(c.cache_copies)}" for c in checked)
+        print(f"  compiled decode step, HLO copies of a whole KV cache array ({where}) "
+              f"(target: none): {verdict(n == 0)}")
     t_lo, t_hi = _find(cases, "transformer", lo), _find(cases, "transformer", hi)
     if t_lo and t_hi and hi > lo:
         for m in [m for m in METHODS if m in t_lo.times and m in t_hi.times]:

@@ -351,7 +351,7 @@ def test_cache_size(name):
     if isinstance(layer, Attention):
         assert isinstance(short, KVCache)
         slots = 4096 if layer.window is None else layer.window
-        assert long.k == long.v == (2, slots, layer.n_kv_heads, layer.head_dim)
+        assert long.k == long.v == (2, layer.n_kv_heads, slots, layer.head_dim)  # head-major
         assert long.key_doc == (2, slots)
         if layer.window is not None:
             assert short == long  # a ring buffer of `window` slots at any max_len

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm.layers.attention import Attention, masked_attention
+from jaxlm.layers.attention import Attention, masked_attention, write_slot
 from jaxlm.layers.embedding import Embedding
 from jaxlm.layers.gated_deltanet import GatedDeltaNet
 from jaxlm.layers.gla import GatedLinearAttention
@@ -157,8 +157,8 @@ def test_masked_attention_blocks_equal_one_block():
     """A long cached prefill walks over query blocks; each block must give the same rows."""
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((2, 10, 4, 8)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((2, 13, 2, 8)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((2, 13, 2, 5)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 2, 13, 8)), jnp.float32)  # head-major [B, Hk, S, K]
+    v = jnp.asarray(rng.standard_normal((2, 2, 13, 5)), jnp.float32)
     q_pos = jnp.arange(3, 13)
     k_pos = jnp.arange(13).at[0].set(-1)  # one empty slot
     q_doc = jnp.asarray([[0] * 4 + [1] * 6, [0] * 10])
@@ -168,9 +168,23 @@ def test_masked_attention_blocks_equal_one_block():
     blocked = masked_attention(q, k, v, q_pos, q_doc, k_pos, k_doc, block_size=4, **kw)
     assert_close(blocked, whole, F32_OUT, "blocked")
     # Row 1, query at position 12 reads keys 8..12 only (window 5), all of document 0.
-    s = np.einsum("d,sd->s", np.float64(q[1, 9, 0]), np.float64(k[1, 8:13, 0])) / np.sqrt(8)
+    s = np.einsum("d,sd->s", np.float64(q[1, 9, 0]), np.float64(k[1, 0, 8:13])) / np.sqrt(8)
     p = np.exp(s - s.max())
-    assert_close(whole[1, 9, 0], (p / p.sum()) @ np.float64(v[1, 8:13, 0]), F32_OUT, "window row")
+    assert_close(whole[1, 9, 0], (p / p.sum()) @ np.float64(v[1, 0, 8:13]), F32_OUT, "window row")
+
+
+@pytest.mark.parametrize("slots", [1, 2, 5])
+def test_write_slot_writes_exactly_one_slot(slots):
+    """write_slot rewrites a neighbour slot with its own value: every other slot must come back
+    bit for bit, at every slot including both ends of the cache."""
+    rng = np.random.default_rng(1)
+    buf = jnp.asarray(rng.standard_normal((2, 3, slots, 4)), jnp.float32)
+    new = jnp.asarray(rng.standard_normal((2, 3, 1, 4)), jnp.float32)
+    write = jax.jit(write_slot)
+    for slot in range(slots):
+        expected = np.asarray(buf).copy()
+        expected[:, :, slot] = np.asarray(new)[:, :, 0]
+        np.testing.assert_array_equal(np.asarray(write(buf, new, jnp.int32(slot))), expected)
 
 
 # ----------------------------------------------------------------------------- bad configurations

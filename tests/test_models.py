@@ -103,9 +103,9 @@ def test_cache_sizes(name):
         if mixer == "-":
             assert s is None and l is None
         elif mixer == "A":
-            assert isinstance(l, KVCache) and l.k == (B, 4096, block.mixer.n_kv_heads, block.mixer.head_dim)
+            assert isinstance(l, KVCache) and l.k == (B, block.mixer.n_kv_heads, 4096, block.mixer.head_dim)
         elif mixer == "W":
-            assert s == l and l.k[1] == model.config.window
+            assert s == l and l.k[2] == model.config.window
         else:
             assert isinstance(l, RecurrentCache) and s == l
 

@@ -46,13 +46,14 @@ def masked_attention(
     """Softmax attention where query t reads key s iff they share a document, s's position is at
     most t's, and (with a window) t − s < window.
 
-    q: [B, T, H, K]; k: [B, S, Hk, K]; v: [B, S, Hk, V]; q_pos: [T] and k_pos: [S] int positions
-    (a negative key position marks an empty slot); q_doc: [B, T] and k_doc: [B, S] int document
-    numbers. block_size: queries per block once T exceeds it (default ``QUERY_BLOCK``).
+    q: [B, T, H, K]; k: [B, Hk, S, K] and v: [B, Hk, S, V], head-major like the KV cache; q_pos:
+    [T] and k_pos: [S] int positions (a negative key position marks an empty slot); q_doc: [B, T]
+    and k_doc: [B, S] int document numbers. block_size: queries per block once T exceeds it
+    (default ``QUERY_BLOCK``).
     Returns [B, T, H, V] in v's dtype; float32 softmax with masks applied by ``where``.
     """
     b, t, h, dk = q.shape
-    hk, dv = k.shape[2], v.shape[3]
+    hk, dv = k.shape[1], v.shape[3]
     qg = q.astype(jnp.float32).reshape(b, t, hk, h // hk, dk)
     kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
 
@@ -88,6 +89,25 @@ def slot_positions(pos: jax.Array, slots: int) -> jax.Array:
     return pos - 1 - jnp.mod(pos - 1 - slot, slots)
 
 
+def write_slot(buf: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
+    """buf [B, Hk, L, ·] with new [B, Hk, 1, ·] written at slot (an int32 scalar), in place.
+
+    The write covers two slots, the new one and a neighbour that gets its own value back, rather
+    than one. XLA:CPU treats a dynamic_update_slice whose update has fewer non-unit dims than the
+    cache as free to duplicate: when B or Hk is 1, the attention matmul reads the cache through a
+    reshape that drops that dim, the update is fused into it a second time, and XLA copies the
+    whole cache to keep both copies in place (four full-cache copies per array and step, measured
+    in the HLO). A two-slot update is not duplicated, so the step reads the cache where it lies.
+    """
+    slots = buf.shape[2]
+    if slots == 1:
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=2)
+    start = jnp.minimum(slot, slots - 2)
+    pair = jax.lax.dynamic_slice_in_dim(buf, start, 2, axis=2)
+    is_new = (start + jnp.arange(2, dtype=start.dtype) == slot)[:, None]  # [2, 1]
+    return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(is_new, new, pair), start, axis=2)
+
+
 def cached_attention(
     q: jax.Array,
     k: jax.Array,
@@ -105,21 +125,30 @@ def cached_attention(
     cache's last one. Returns o [B, T, H, V] and the updated cache.
     """
     b, t = q.shape[:2]
-    slots = cache.k.shape[1]
+    slots = cache.k.shape[2]
     starts = segment_starts(segment_ids, b, t)
     q_doc = cache.doc[:, None] + jnp.cumsum(starts, axis=1, dtype=jnp.int32)  # [B, T]
     q_pos = cache.pos + jnp.arange(t, dtype=jnp.int32)  # [T]
-    k = k.astype(cache.k.dtype)
-    v = v.astype(cache.v.dtype)
+    # The cache is head-major, [B, Hk, L, ·]: turn the T new tokens round, not the L cached ones.
+    k = jnp.swapaxes(k, 1, 2).astype(cache.k.dtype)
+    v = jnp.swapaxes(v, 1, 2).astype(cache.v.dtype)
 
     # Only the last `slots` new tokens can stay; their slots are distinct, so the scatter is exact.
     n = min(t, slots)
     write = jnp.mod(q_pos[t - n :], slots)
 
+    if t == 1:
+        # A decode step writes one slot, in place in the donated cache.
+        new_k, new_v = write_slot(cache.k, k, write[0]), write_slot(cache.v, v, write[0])
+        new_key_doc = jax.lax.dynamic_update_slice_in_dim(cache.key_doc, q_doc, write[0], axis=1)
+    else:
+        new_k = cache.k.at[:, :, write].set(k[:, :, t - n :])
+        new_v = cache.v.at[:, :, write].set(v[:, :, t - n :])
+        new_key_doc = cache.key_doc.at[:, write].set(q_doc[:, t - n :])
     new_cache = KVCache(
-        k=cache.k.at[:, write].set(k[:, t - n :]),
-        v=cache.v.at[:, write].set(v[:, t - n :]),
-        key_doc=cache.key_doc.at[:, write].set(q_doc[:, t - n :]),
+        k=new_k,
+        v=new_v,
+        key_doc=new_key_doc,
         doc=q_doc[:, -1],
         pos=cache.pos + t,
     )
@@ -134,8 +163,8 @@ def cached_attention(
         # and the new tokens side by side instead.
         k_pos = jnp.concatenate([slot_positions(cache.pos, slots), q_pos])
         k_doc = jnp.concatenate([cache.key_doc, q_doc], axis=1)
-        keys = jnp.concatenate([cache.k, k], axis=1)
-        values = jnp.concatenate([cache.v, v], axis=1)
+        keys = jnp.concatenate([cache.k, k], axis=2)
+        values = jnp.concatenate([cache.v, v], axis=2)
         o = masked_attention(q, keys, values, q_pos, q_doc, k_pos, k_doc, scale=scale, window=window)
     return o, new_cache
 
@@ -217,7 +246,7 @@ class Attention(nnx.Module):
         """
         check_positive(batch_size=batch_size, max_len=max_len)
         slots = max_len if self.window is None else min(self.window, max_len)
-        kv_shape = (batch_size, slots, self.n_kv_heads, self.head_dim)
+        kv_shape = (batch_size, self.n_kv_heads, slots, self.head_dim)  # head-major, see KVCache
         return KVCache(
             k=jnp.zeros(kv_shape, self.dtype),
             v=jnp.zeros(kv_shape, self.dtype),

@@ -37,10 +37,15 @@ class KVCache(NamedTuple):
     this is a plain KV cache, and a sliding-window layer keeps L = window slots as a ring buffer.
     Document numbers keep a decode step from reading padding or another document: batched prompts
     of different lengths are left-padded with the padding as a separate segment.
+
+    Keys and values are stored head-major, [B, Hk, L, ·], the layout the attention contractions
+    batch over (``masked_softmax_attend``): a decode step reads each cached key and value once, in
+    place. Token-major [B, L, Hk, ·] storage made XLA transpose a copy of the whole cache on every
+    step, about 3× the memory traffic.
     """
 
-    k: jax.Array  # [B, L, Hk, K], RoPE already applied
-    v: jax.Array  # [B, L, Hk, V]
+    k: jax.Array  # [B, Hk, L, K], RoPE already applied
+    v: jax.Array  # [B, Hk, L, V]
     key_doc: jax.Array  # [B, L] int32 document number of each slot's key; -1 while empty
     doc: jax.Array  # [B] int32 document number of the row's last token
     pos: jax.Array  # [] int32 tokens written so far: the position of the next token

@@ -50,11 +50,21 @@ def attention_mask(
 
 
 def masked_softmax_attend(q, k, v, mask, scale):
-    """q: [B, Tq, Hk, G, D]; k: [B, S, Hk, D]; v: [B, S, Hk, Dv] float32; mask [B|1, 1, 1, Tq, S].
+    """q: [B, Tq, Hk, G, D]; k: [B, Hk, S, D]; v: [B, Hk, S, Dv] float32; mask [B|1, 1, 1, Tq, S].
 
     Returns [B, Tq, Hk, G, Dv] float32.
+
+    k and v are head-major, the layout of the KV cache, and both products are written as the
+    batched matmuls XLA runs without moving an operand: batch (B, Hk) leading, then
+    [S, D] @ [D, G·Tq] for the scores and [G·Tq, S] @ [S, Dv] for the output. A decode step then
+    reads the cache where it lies; only q, the scores and the output change layout, and none of
+    them is bigger than the scores. (As einsums, "bqhgd,bhsd->bhgqs" and "bhgqs,bhsv->bqhgv";
+    jnp.einsum orders the operands its own way and XLA then copies a transposed cache.)
     """
-    s = jnp.einsum("bqhgd,bshd->bhgqs", q, k, precision=_HIGHEST) * scale
+    qt = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, Hk, G, Tq, D]
+    batch = ((0, 1), (0, 1))
+    s = jax.lax.dot_general(k, qt, (((3,), (4,)), batch), precision=_HIGHEST)  # [B, Hk, S, G, Tq]
+    s = jnp.transpose(s, (0, 1, 3, 4, 2)) * scale  # [B, Hk, G, Tq, S]
     # Masked scores become a finite floor rather than -inf, and their probabilities are zeroed
     # with where after exp: no inf - inf or 0 * inf can reach a value or a gradient, even for a
     # query that sees no key at all.
@@ -65,7 +75,8 @@ def masked_softmax_attend(q, k, v, mask, scale):
     denom = jnp.sum(p, axis=-1, keepdims=True)
     # A query with no visible key gets a zero output instead of 0/0.
     p = p / jnp.where(denom > 0, denom, 1.0)
-    return jnp.einsum("bhgqs,bshv->bqhgv", p, v, precision=_HIGHEST)
+    o = jax.lax.dot_general(p, v, (((4,), (2,)), batch), precision=_HIGHEST)  # [B, Hk, G, Tq, Dv]
+    return jnp.transpose(o, (0, 3, 1, 2, 4))
 
 
 def attention_xla(
@@ -97,7 +108,10 @@ def _attention_xla(q, k, v, segment_ids, *, causal, scale, window, block):
     groups = h // hk
     # Query head j reads kv head j // groups: split H as (Hk, G) instead of repeating k and v.
     qg = q.astype(jnp.float32).reshape(b, t, hk, groups, d)
-    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    # Head-major keys and values for masked_softmax_attend: one transpose per call, O(S) work
+    # beside the O(T·S) scores, shared by every query block.
+    kf = jnp.swapaxes(k, 1, 2).astype(jnp.float32)
+    vf = jnp.swapaxes(v, 1, 2).astype(jnp.float32)
     k_pos = jnp.arange(s_len)
     mask_args = dict(causal=causal, window=window)
 
