@@ -44,8 +44,7 @@ def reference(x, weight, bias=None, activation="silu", initial_state=None):
 
 def lax_formula(x, weight, bias, initial_state):
     """The same conv through lax's grouped convolution (cross-correlation), float32, silu."""
-    b, t, d = x.shape
-    w = weight.shape[1]
+    d = x.shape[2]
     xp = jnp.concatenate([initial_state, x], axis=1)
     y = jax.lax.conv_general_dilated(
         jnp.swapaxes(xp, 1, 2), weight[:, None, :], (1,), "VALID", feature_group_count=d, precision="highest"
