@@ -42,7 +42,7 @@ CONFIGS = {
     "Qwen3ForCausalLM": lambda: transformers.Qwen3Config(
         num_hidden_layers=3, head_dim=16, use_sliding_window=True, sliding_window=5,
         layer_types=["full_attention", "sliding_attention", "full_attention"], **ATTN),
-    # Grouped B/C (2 groups of 4 heads) and HF's norm over all channels; conv bias.
+    # Grouped B/C (2 groups of 4 heads) with the per-group gated norm; conv bias.
     "Mamba2ForCausalLM": lambda: transformers.Mamba2Config(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16, n_groups=2,
         eos_token_id=None),

@@ -1,7 +1,8 @@
 """Mamba2ForCausalLM: a stack of RMSNorm + Mamba-2 mixer layers under ``backbone``.
 
-Hugging Face's Mamba2 normalises the gated output over all d_inner channels at once, whatever
-n_groups (``mamba_norm_groups=1`` here), unlike mamba_ssm's per-group norm. The mixer's tensors
+The gated output norm works per B/C group, as in mamba_ssm and in transformers from 5.24 on
+(earlier transformers normalised all d_inner channels at once, which differs when n_groups > 1;
+those versions are not supported as a reference). The mixer's tensors
 map one to one: in_proj [z, xBC, dt] is jaxlm's fused in_proj, conv1d [C, 1, W] its depthwise
 filter. The Mamba-2 mixer rules are shared with Nemotron-H (hf_nemotron_h.py).
 """
@@ -75,15 +76,15 @@ def to_config(hf: dict) -> ModelConfig:
                           act_key="hidden_act", bias_key="use_bias", heads_from_expand=True)
     return ModelConfig(
         layer_pattern="M", ffn_pattern="-", n_layers=check_int(hf["num_hidden_layers"], ARCH, "num_hidden_layers"),
-        mamba_norm_groups=1, **fields, **common_fields(hf, "layer_norm_epsilon"),
+        **fields, **common_fields(hf, "layer_norm_epsilon"),
     )
 
 
 def from_config(config: ModelConfig) -> dict:
     need(all(k == ("M", "-") for k in config.layer_kinds()), ARCH, "a Mamba-2 mixer alone in every layer")
     need_plain_blocks(config, ARCH)
-    need((config.mamba_norm_groups or config.mamba_n_groups) == 1, ARCH,
-         "the gated norm over all channels (mamba_norm_groups=1)")
+    need((config.mamba_norm_groups or config.mamba_n_groups) == config.mamba_n_groups, ARCH,
+         "the gated norm per B/C group (mamba_norm_groups = mamba_n_groups)")
     need(mamba_heads(config) * config.mamba_head_dim == config.mamba_expand * config.d_model, ARCH,
          "d_inner = expand · d_model")
     return {

@@ -35,7 +35,7 @@ class Mamba2(nnx.Module):
       a_init_range: A ~ uniform(range) at init. dt_min, dt_max, dt_init_floor: dt ~ log-uniform.
       norm_eps: of the gated RMSNorm. conv_bias: a bias in the conv (mamba_ssm's default).
       norm_groups: groups the gated RMSNorm normalises separately, dividing d_inner; default
-        n_groups (mamba_ssm); 1 normalises all d_inner channels together (Hugging Face's Mamba2).
+        n_groups (mamba_ssm); 1 normalises all d_inner channels together (transformers' Mamba2 before 5.24).
       impl, chunk_size: passed to ``ops.simple_gla`` for full sequences and prefill.
     """
 
