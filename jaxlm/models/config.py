@@ -94,7 +94,7 @@ class ModelConfig:
     mamba_head_dim: int = 64
     mamba_n_groups: int = 1
     mamba_n_heads: int | None = None  # SSM heads; default mamba_expand·d_model / mamba_head_dim
-    mamba_norm_groups: int | None = None  # groups of the gated output norm; default mamba_n_groups (1: HF Mamba2)
+    mamba_norm_groups: int | None = None  # groups of the gated output norm; default mamba_n_groups (1: all channels together)
     mamba_conv_bias: bool = True
 
     # Feed-forward (D, E).
