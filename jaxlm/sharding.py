@@ -61,12 +61,18 @@ def make_mesh(spec: str | None, devices: list | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
+def path_names(path: tuple) -> list[str]:
+    """The names along a pytree key path (dict keys, attributes, indices as strings), without
+    nnx.Variable's own ``value`` field: ('blocks', '0', 'mixer', 'q_proj', 'kernel')."""
+    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    return [n for n in names if n != "value"]
+
+
 def logical_axes(path: tuple, shape: tuple[int, ...], d_model: int) -> tuple[str | None, ...]:
     """Logical names of a parameter's axes: 'expert' for the expert axis of MoE weights,
     'embed' for an axis of size d_model, 'vocab' for the embedding's vocabulary axis, 'hidden'
     for the other axis of a matrix; vectors and small tensors stay unnamed (replicated)."""
-    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
-    names = [n for n in names if n != "value"]  # nnx.Variable's own field
+    names = path_names(path)
     if len(shape) < 2:
         return (None,) * len(shape)
     axes: list[str | None] = []

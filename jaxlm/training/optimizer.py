@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from jaxlm.sharding import path_names
+
 SCHEDULES = ("cosine", "wsd")
 NO_DECAY_NAMES = ("A_log", "dt_bias")
 
@@ -35,8 +37,7 @@ def decay_mask(params):
     """True for the parameters that take weight decay: matrices, except A_log and dt_bias."""
 
     def decays(path, x) -> bool:
-        names = {str(getattr(p, "key", getattr(p, "name", p))) for p in path}
-        return x.ndim >= 2 and not names & set(NO_DECAY_NAMES)
+        return x.ndim >= 2 and not set(path_names(path)) & set(NO_DECAY_NAMES)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -67,19 +67,13 @@ def make_train_step(
         grad_fn = jax.value_and_grad(_forward, argnums=1, has_aux=True)
 
         def micro(carry, mb):
-            grads, nll, count, aux_acc = carry
+            grads, nll, count = carry
             (_, (m_nll, m_count, aux)), g = grad_fn(graphdef, state.params, state.others, mb, weights)
-            aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
-            return (jax.tree.map(jnp.add, grads, g), nll + m_nll, count + m_count, aux_acc), None
+            return (jax.tree.map(jnp.add, grads, g), nll + m_nll, count + m_count), aux
 
-        micro_batches = _split_micro(batch, grad_accum)
-        first = jax.tree.map(lambda x: x[0], micro_batches)
-        aux_shape = jax.eval_shape(lambda: _forward(graphdef, state.params, state.others, first, weights)[1][2])
-        zeros = (
-            jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0),
-            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
-        )
-        (grads, nll, count, aux), _ = jax.lax.scan(micro, zeros, micro_batches)
+        zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0))
+        # aux comes back stacked over the micro-steps [A, ...]: counts add up, losses average.
+        (grads, nll, count), aux = jax.lax.scan(micro, zeros, _split_micro(batch, grad_accum))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -87,7 +81,7 @@ def make_train_step(
         others = state.others
         metrics = {"loss": nll / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(step), "tokens": count}
         if aux:
-            aux = {k: v / grad_accum if k != "expert_counts" else v for k, v in aux.items()}
+            aux = {k: jnp.sum(v, 0) if k == "expert_counts" else jnp.mean(v, 0) for k, v in aux.items()}
             counts = aux["expert_counts"].astype(jnp.float32)
             metrics["load_balancing_loss"] = aux["load_balancing_loss"]
             metrics["router_z_loss"] = aux["router_z_loss"]
