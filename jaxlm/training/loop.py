@@ -102,22 +102,28 @@ def _check_run_folder(run_dir: Path, config: ModelConfig, tokenizer_spec: str) -
         )
 
 
-def _initial_state(config: ModelConfig, args: TrainArgs, tx, mesh):
-    """(graphdef, TrainState created directly in its shardings, the shardings)."""
+def _abstract_state(config: ModelConfig, args: TrainArgs, tx, mesh):
+    """(the model as shapes only, its graphdef, the TrainState as shapes, the state's shardings):
+    nothing is allocated until the state is restored or created."""
     abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(args.seed)))
     graphdef, abstract_state = init_state(abstract, tx)
     shardings = TrainState(*(sharding.state_shardings(part, mesh, config.d_model) for part in abstract_state))
+    return abstract, graphdef, abstract_state, shardings
+
+
+def _fresh_state(config: ModelConfig, args: TrainArgs, tx, shardings: TrainState) -> TrainState:
+    """A new TrainState placed in ``shardings``: random parameters created by a jitted init, or
+    --init-from's parameters with a new optimizer state."""
+    if args.init_from:
+        model, _ = checkpointing.load_trained_model(args.init_from)
+        _, params, others = nnx.split(model, nnx.Param, ...)
+        return TrainState(jax.device_put(params, shardings.params), jax.device_put(others, shardings.others),
+                          jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
 
     def create():
         return init_state(LM(config, rngs=nnx.Rngs(args.seed)), tx)[1]
 
-    state = jax.jit(create, out_shardings=shardings)()
-    if args.init_from:
-        model, _ = checkpointing.load_trained_model(args.init_from)
-        _, params, others = nnx.split(model, nnx.Param, ...)
-        state = TrainState(jax.device_put(params, shardings.params), jax.device_put(others, shardings.others),
-                           jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
-    return graphdef, state, shardings
+    return jax.jit(create, out_shardings=shardings)()
 
 
 def _evaluate(evaluate, state, batches, mesh) -> float:
@@ -173,22 +179,24 @@ def train(args: TrainArgs) -> Path:
     peak, peak_source = peak_flops_per_second(dtype=args.dtype)  # outside the mesh: it probes one device
     log = MetricsLog(run_dir, enabled=lead)
     with jax.set_mesh(mesh), _StopSignal() as stop:
-        graphdef, state, shardings = _initial_state(config, args, tx, mesh)
+        abstract_model, graphdef, abstract_state, shardings = _abstract_state(config, args, tx, mesh)
         train_step, evaluate = jit_steps(
             graphdef, shardings, tx, schedule, weights, grad_accum=args.grad_accum,
             use_selection_bias=config.use_selection_bias, mesh=mesh,
         )
         rng = jax.random.key(args.seed)
         start = 0
-        restored = checkpointing.restore_latest(mgr, checkpointing.abstract_like(state, shardings))
-        if restored is not None:
+        restored = checkpointing.restore_latest(mgr, checkpointing.abstract_like(abstract_state, shardings))
+        if restored is None:
+            state = _fresh_state(config, args, tx, shardings)
+        else:
             state, meta, rng = restored
             start = meta["step"]
             stream.restore(meta["data"])
             if lead:
                 tqdm.write(f"resumed {run_dir} at step {start}")
 
-        n_params = count_params(config)
+        n_params = count_params(abstract_model)
         tokens_per_step = args.batch_size * args.seq_len
         flops_step = flops_per_token(config, args.seq_len) * tokens_per_step
         peak_total = peak * jax.device_count()
