@@ -9,7 +9,6 @@ segment, never read padding. A sliding-window layer keeps only ``window`` slots,
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +20,9 @@ from jaxlm.layers.initializers import dense
 from jaxlm.layers.norms import RMSNorm
 from jaxlm.layers.rotary import apply_rope, check_rotary_dim
 from jaxlm.layers.validation import check_divides, check_positive, check_positive_float
-from jaxlm.ops.attention.xla import masked_softmax_attend
+from jaxlm.ops.attention import xla as attention_xla
 from jaxlm.ops.sequence import segment_starts
 
-# Queries per block when a cached call has many of them (a long prefill): bounds the score
-# tensor to QUERY_BLOCK·(L+T)·H floats, as ops.attention does for the uncached path.
-QUERY_BLOCK = 512
 QK_NORM_SCOPES = ("head", "all")
 
 
@@ -49,7 +45,7 @@ def masked_attention(
     q: [B, T, H, K]; k: [B, Hk, S, K] and v: [B, Hk, S, V], head-major like the KV cache; q_pos:
     [T] and k_pos: [S] int positions (a negative key position marks an empty slot); q_doc: [B, T]
     and k_doc: [B, S] int document numbers. block_size: queries per block once T exceeds it
-    (default ``QUERY_BLOCK``).
+    (default ``ops.attention``'s ``QUERY_BLOCK``: a long prefill holds one block's scores).
     Returns [B, T, H, V] in v's dtype; float32 softmax with masks applied by ``where``.
     """
     b, t, h, dk = q.shape
@@ -57,28 +53,17 @@ def masked_attention(
     qg = q.astype(jnp.float32).reshape(b, t, hk, h // hk, dk)
     kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
 
-    def block(qb, qpos_b, qdoc_b):  # [B, Tb, Hk, G, K], [Tb], [B, Tb] -> [B, Tb, Hk, G, V]
+    def mask_fn(qpos_b, qdoc_b):  # [Tb], [B, Tb] -> [B, 1, 1, Tb, S]
         diff = qpos_b[:, None] - k_pos[None, :]  # [Tb, S]
         visible = (diff >= 0) & (k_pos >= 0)[None, :]
         if window is not None:
             visible = visible & (diff < window)
-        mask = (qdoc_b[:, :, None] == k_doc[:, None, :]) & visible[None]  # [B, Tb, S]
-        # The same masked float32 softmax as ops.attention; a query with no visible key reads zeros.
-        return masked_softmax_attend(qb, kf, vf, mask[:, None, None], scale)
+        return ((qdoc_b[:, :, None] == k_doc[:, None, :]) & visible[None])[:, None, None]
 
-    rows = QUERY_BLOCK if block_size is None else block_size
-    if t <= rows:
-        o = block(qg, q_pos, q_doc)
-    else:
-        n = math.ceil(t / rows)
-        pad = n * rows - t
-        qb = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0))).reshape(b, n, rows, hk, h // hk, dk)
-        qpos_b = jnp.pad(q_pos, (0, pad)).reshape(n, rows)
-        # Padding rows get document -2, which no key has; they are cut off below.
-        qdoc_b = jnp.pad(q_doc, ((0, 0), (0, pad)), constant_values=-2).reshape(b, n, rows)
-        xs = (jnp.moveaxis(qb, 1, 0), qpos_b, jnp.moveaxis(qdoc_b, 1, 0))
-        o = jax.lax.map(lambda a: jax.checkpoint(block)(*a), xs)  # [n, B, Tb, Hk, G, V]
-        o = jnp.moveaxis(o, 0, 1).reshape(b, n * rows, hk, h // hk, dv)[:, :t]
+    # The same masked float32 softmax and query blocking as ops.attention; a query with no
+    # visible key reads zeros.
+    rows = attention_xla.QUERY_BLOCK if block_size is None else block_size
+    o = attention_xla.attend_by_query_blocks(qg, kf, vf, q_pos, q_doc, mask_fn, scale, rows)
     return o.reshape(b, t, h, dv).astype(v.dtype)
 
 

@@ -79,6 +79,39 @@ def masked_softmax_attend(q, k, v, mask, scale):
     return jnp.transpose(o, (0, 3, 1, 2, 4))
 
 
+def attend_by_query_blocks(qg, k, v, q_pos, q_doc, mask_fn, scale, block: int):
+    """Exact masked softmax attention over query blocks of at most ``block`` rows.
+
+    qg: [B, T, Hk, G, D]; k: [B, Hk, S, D] and v: [B, Hk, S, Dv] head-major, float32; q_pos:
+    [T] query positions; q_doc: [B, T] query documents or None. mask_fn(q_pos [Tb], q_doc
+    [B, Tb] or None) gives a block's mask for ``masked_softmax_attend``. Up to ``block`` rows run
+    at once; longer inputs are cut into equal blocks under ``lax.map``, each rematerialised in the
+    backward pass, so no pass holds more than one block's scores. Padding rows (document -2,
+    which no key has) are cut off. Returns [B, T, Hk, G, Dv] float32.
+    """
+    b, t, hk, groups, d = qg.shape
+    if t <= block:
+        return masked_softmax_attend(qg, k, v, mask_fn(q_pos, q_doc), scale)
+    n_blocks = math.ceil(t / block)
+    rows = math.ceil(t / n_blocks)
+    pad = n_blocks * rows - t
+    q_blocks = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    q_blocks = jnp.moveaxis(q_blocks.reshape(b, n_blocks, rows, hk, groups, d), 1, 0)
+    pos_blocks = jnp.pad(q_pos, (0, pad)).reshape(n_blocks, rows)
+    doc_blocks = None
+    if q_doc is not None:
+        doc_blocks = jnp.pad(q_doc, ((0, 0), (0, pad)), constant_values=-2)
+        doc_blocks = jnp.moveaxis(doc_blocks.reshape(b, n_blocks, rows), 1, 0)
+
+    @jax.checkpoint
+    def one_block(xs):
+        q_blk, pos, doc = xs
+        return masked_softmax_attend(q_blk, k, v, mask_fn(pos, doc), scale)
+
+    o = jax.lax.map(one_block, (q_blocks, pos_blocks, doc_blocks))  # [N, B, rows, Hk, G, Dv]
+    return jnp.moveaxis(o, 0, 1).reshape(b, n_blocks * rows, hk, groups, -1)[:, :t]
+
+
 def attention_xla(
     q: jax.Array,
     k: jax.Array,
@@ -113,33 +146,9 @@ def _attention_xla(q, k, v, segment_ids, *, causal, scale, window, block):
     kf = jnp.swapaxes(k, 1, 2).astype(jnp.float32)
     vf = jnp.swapaxes(v, 1, 2).astype(jnp.float32)
     k_pos = jnp.arange(s_len)
-    mask_args = dict(causal=causal, window=window)
 
-    if t <= block:
-        mask = attention_mask(jnp.arange(t), k_pos, segment_ids, segment_ids, **mask_args)
-        o = masked_softmax_attend(qg, kf, vf, mask, scale)
-        return o.reshape(b, t, h, -1).astype(v.dtype)
+    def mask_fn(pos, seg):
+        return attention_mask(pos, k_pos, seg, segment_ids, causal=causal, window=window)
 
-    # Equal blocks of at most `block` rows; the padding (fewer rows than blocks) is cut off after.
-    n_blocks = math.ceil(t / block)
-    rows = math.ceil(t / n_blocks)
-    pad = n_blocks * rows - t
-    q_blocks = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    q_blocks = jnp.moveaxis(q_blocks.reshape(b, n_blocks, rows, hk, groups, d), 1, 0)
-    q_pos = jnp.arange(n_blocks * rows).reshape(n_blocks, rows)
-    if segment_ids is None:
-        q_seg = None
-    else:
-        # Padding rows are cut off afterwards; any id will do, even one that leaves them no key.
-        q_seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-        q_seg = jnp.moveaxis(q_seg.reshape(b, n_blocks, rows), 1, 0)
-
-    @jax.checkpoint
-    def one_block(xs):
-        q_blk, pos, seg = xs
-        mask = attention_mask(pos, k_pos, seg, segment_ids, **mask_args)
-        return masked_softmax_attend(q_blk, kf, vf, mask, scale)
-
-    o = jax.lax.map(one_block, (q_blocks, q_pos, q_seg))  # [N, B, rows, Hk, G, Dv]
-    o = jnp.moveaxis(o, 0, 1).reshape(b, n_blocks * rows, h, -1)
-    return o[:, :t].astype(v.dtype)
+    o = attend_by_query_blocks(qg, kf, vf, jnp.arange(t), segment_ids, mask_fn, scale, block)
+    return o.reshape(b, t, h, -1).astype(v.dtype)
