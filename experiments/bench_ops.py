@@ -1,6 +1,7 @@
 """Scaling benchmark of every op and form against softmax attention.
 
   python experiments/bench_ops.py [--seq-lens 1024 2048 4096 8192 16384] [--repeats 3]
+  python experiments/bench_ops.py --plot-only     # tables and plot again from bench_ops.csv
 
 For each op and execution form it times the forward pass and forward+backward at B=1, H=4,
 K=V=64 in float32 on the default device, beside XLA softmax attention, in one run. It writes
@@ -55,6 +56,9 @@ OPS = {
     "attention": (lambda x, impl: ops.attention(x["q"], x["k"], x["v"], causal=True), ("q", "k", "v")),
 }
 FORMS = ("recurrent", "associative", "chunk")
+# One colour per op and one line style per form, so that no two curves look alike.
+OP_COLORS = dict(zip(OPS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "black")))
+FORM_STYLES = {"recurrent": ":", "associative": "--", "chunk": "-", "xla": "-."}
 
 
 FIELDS = ["op", "form", "T", "fwd_s", "fwd_bwd_s"]
@@ -105,9 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--out", type=pathlib.Path, default=HERE / "bench_ops")
     p.add_argument("--resume", action="store_true", help="keep the rows already in OUT.csv and measure only the rest")
+    p.add_argument("--plot-only", action="store_true", help="measure nothing: tables and plot from OUT.csv")
     args = p.parse_args(argv)
 
     csv_path = args.out.with_suffix(".csv")
+    if args.plot_only:
+        rows = _read_rows(csv_path)
+        report(rows, sorted({r["T"] for r in rows}), args.out.with_suffix(".png"))
+        return
     rows = _read_rows(csv_path) if args.resume and csv_path.exists() else []
     measured = {(r["op"], r["form"], r["T"]) for r in rows}
     cases = [
@@ -140,7 +149,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"fwd+bwd {row['fwd_bwd_s'] * 1e3:9.1f} ms",
                 flush=True,
             )
+    report(rows, args.seq_lens, args.out.with_suffix(".png"))
+    print(f"\nwrote {csv_path} and {args.out.with_suffix('.png')}")
 
+
+def report(rows: list[dict], seq_lens: list[int], png: pathlib.Path) -> None:
+    """Prints the exponent and time tables and the targets, and writes the plot."""
     curves = {}
     for r in rows:
         curves.setdefault((r["op"], r["form"]), []).append(r)
@@ -151,16 +165,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{fit_exponent(ts, [r['fwd_bwd_s'] for r in rs]):.2f} |")
 
     for key, label in (("fwd_s", "forward ms"), ("fwd_bwd_s", "forward+backward ms")):
-        print(f"\n| {label} | form | " + " | ".join(f"T={t}" for t in args.seq_lens) + " |")
-        print("|---|---|" + "---|" * len(args.seq_lens))
+        print(f"\n| {label} | form | " + " | ".join(f"T={t}" for t in seq_lens) + " |")
+        print("|---|---|" + "---|" * len(seq_lens))
         for (op, impl), rs in curves.items():
             by_t = {r["T"]: r[key] for r in rs}
-            cells = [f"{by_t[t] * 1e3:.1f}" if t in by_t else "—" for t in args.seq_lens]
+            cells = [f"{by_t[t] * 1e3:.1f}" if t in by_t else "—" for t in seq_lens]
             print(f"| {op} | {impl} | " + " | ".join(cells) + " |")
 
     _targets(curves)
-    _plot(curves, args.out.with_suffix(".png"))
-    print(f"\nwrote {csv_path} and {args.out.with_suffix('.png')}")
+    _plot(curves, png)
 
 
 def _lookup(curves, op, impl, t, key="fwd_bwd_s"):
@@ -201,14 +214,22 @@ def _plot(curves, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for ax, key, title in ((axes[0], "fwd_s", "forward"), (axes[1], "fwd_bwd_s", "forward + backward")):
         for (op, impl), rs in curves.items():
-            style = {"recurrent": ":", "associative": "--", "chunk": "-", "xla": "-"}[impl]
-            width = 3 if op == "attention" else 1.5
-            ax.loglog([r["T"] for r in rs], [r[key] for r in rs], style, marker="o", lw=width, label=f"{op} {impl}")
+            width = 2.5 if op == "attention" else 1.5
+            ax.loglog([r["T"] for r in rs], [r[key] for r in rs], FORM_STYLES[impl], color=OP_COLORS[op],
+                      marker="o", ms=3, lw=width)
         ax.set_title(title)
         ax.set_xlabel("sequence length T")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("seconds")
-    axes[1].legend(fontsize=7, ncol=2)
+    # Two legends, because colour and line style each carry one thing: colour the op, style the form.
+    from matplotlib.lines import Line2D
+
+    ops_seen = list(dict.fromkeys(op for op, _ in curves))
+    forms_seen = list(dict.fromkeys(impl for _, impl in curves))
+    axes[0].legend([Line2D([], [], color=OP_COLORS[op], lw=2) for op in ops_seen], ops_seen,
+                   title="op", fontsize=8, loc="upper left")
+    axes[1].legend([Line2D([], [], color="gray", ls=FORM_STYLES[f], lw=2) for f in forms_seen], forms_seen,
+                   title="form", fontsize=8, loc="upper left", handlelength=3)
     fig.suptitle(f"jaxlm ops on {jax.devices()[0].device_kind}: B={B}, H={H}, K=V={D}, float32")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxlm import ops
 from jaxlm.timing import best_seconds
-from kernels_pallas import common as kernel_settings
+from kernels_pallas import KernelSettings, kernel_settings
 
 HERE = pathlib.Path(__file__).resolve().parent
 SHAPES = [(4, 4096, 16, 128), (2, 16384, 16, 128), (8, 2048, 32, 128)]
@@ -336,22 +336,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=270.0, help="no new recurrence timing after this")
     p.add_argument("--num-warps", type=int, default=None, help="Triton warps per program")
-    p.add_argument("--block-v", type=int, default=None, help="value columns per program on GPU")
+    p.add_argument("--block-v", type=int, default=None, help="value columns per program (default 64 on GPU)")
     p.add_argument("--precision", choices=("tf32x3", "highest"), default=None, help="in-kernel matmuls on GPU")
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--csv", type=pathlib.Path, default=HERE / "gpu_kernels.csv")
     args = p.parse_args(argv)
 
-    settings = kernel_settings.SETTINGS
+    changes: dict[str, Any] = {}
     if args.interpret:
-        settings["interpret"] = True
+        changes["interpret"] = True
     if args.num_warps:
-        settings["gpu_num_warps"] = args.num_warps
+        changes["num_warps"] = args.num_warps
     if args.block_v:
-        settings["gpu_block_v"] = args.block_v
+        changes["block_v"] = args.block_v
     if args.precision:
-        settings["gpu_precision"] = {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-                                     "highest": jax.lax.Precision.HIGHEST}[args.precision]
+        changes["precision"] = {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+                                "highest": jax.lax.Precision.HIGHEST}[args.precision]
+    with kernel_settings(**changes) as settings:
+        run_all(args, settings)
+
+
+def run_all(args: argparse.Namespace, settings: KernelSettings) -> None:
+    """Every part of the benchmark, under the kernel settings in effect."""
     start = time.perf_counter()
     device = jax.devices()[0].device_kind
     shapes, repeats = (QUICK_SHAPES, min(args.repeats, 2)) if args.quick else (SHAPES, args.repeats)

@@ -14,10 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from jaxlm import ops
 from kernels_pallas.flash_attention import BlockSizes, config, flash_attention, tiles
+from jaxprs import equations_outside_kernels, pallas_call_names
 from numerics import BF16_GRAD, BF16_OUT, F32_GRAD, F32_OUT, assert_close
+from op_cases import attention_mask
 
 SMALL_TILES = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 
@@ -29,31 +32,12 @@ def small_tiles(monkeypatch):
 
 def use_token_major(monkeypatch) -> None:
     """Run the interpreter on the GPU layout ([B, T, H, D] tiles read in place)."""
-    monkeypatch.setattr(config, "token_major", lambda interpret: True)
-
-
-def runs(segment_ids, batch: int, length: int) -> np.ndarray:
-    """[B, T] run numbers: a document is a run of equal ids (an id that comes back is new)."""
-    if segment_ids is None:
-        return np.zeros((batch, length), int)
-    seg = np.asarray(segment_ids)
-    return np.concatenate([np.zeros((batch, 1), int), np.cumsum(seg[:, 1:] != seg[:, :-1], axis=1)], axis=1)
+    monkeypatch.setattr(config, "token_major", lambda target: True)
 
 
 def visible(b: int, t_len: int, s_len: int, causal: bool, window, segment_ids=None) -> np.ndarray:
-    """[B, T, S] bool straight from the spec."""
-    t = np.arange(t_len)[:, None]
-    s = np.arange(s_len)[None, :]
-    mask = np.ones((t_len, s_len), bool)
-    if causal:
-        mask &= s <= t
-        if window is not None:
-            mask &= t - s < window
-    elif window is not None:
-        mask &= np.abs(t - s) < window
-    doc = runs(segment_ids, b, t_len)
-    same_doc = doc[:, :, None] == doc[:, None, :] if segment_ids is not None else True
-    return np.broadcast_to(mask, (b, t_len, s_len)) & same_doc
+    """[B, T, S] bool straight from the spec (op_cases.attention_mask)."""
+    return attention_mask(t_len, s_len, causal=causal, window=window, segment_ids=segment_ids, batch=b)
 
 
 def naive_np(q, k, v, mask, scale) -> np.ndarray:
@@ -207,34 +191,15 @@ def test_uneven_forward_and_backward_tiles():
                  F32_GRAD, "dq, dk, dv")
 
 
-def _eqns_outside_kernels(jaxpr) -> list:
-    """Every equation of a jaxpr and its sub-jaxprs (jit, custom_vjp, ...), not entering kernels."""
-    eqns = []
-    for eqn in jaxpr.eqns:
-        eqns.append(eqn)
-        if eqn.primitive.name == "pallas_call":
-            continue
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    eqns += _eqns_outside_kernels(inner)
-    return eqns
-
-
-def _pallas_call_names(jaxpr) -> list[str]:
-    return [str(e.params["name"]) for e in _eqns_outside_kernels(jaxpr) if e.primitive.name == "pallas_call"]
-
-
 def test_forward_and_backward_run_pallas_kernels():
     q, k, v, _ = CASES["causal_gqa_odd_t"].inputs(7)
     attend = lambda q, k, v: ops.attention(q, k, v, impl="pallas", window=5)
-    forward = _pallas_call_names(jax.make_jaxpr(attend)(q, k, v).jaxpr)
+    forward = pallas_call_names(jax.make_jaxpr(attend)(q, k, v).jaxpr)
     assert forward == ["flash_attention_fwd"]
     loss = lambda q, k, v: jnp.sum(attend(q, k, v) ** 2)
-    both = _pallas_call_names(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr)
+    both = pallas_call_names(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr)
     assert sorted(both) == ["flash_attention_bwd_dkv", "flash_attention_bwd_dq", "flash_attention_fwd"]
-    xla = _pallas_call_names(jax.make_jaxpr(lambda *a: ops.attention(*a, window=5))(q, k, v).jaxpr)
+    xla = pallas_call_names(jax.make_jaxpr(lambda *a: ops.attention(*a, window=5))(q, k, v).jaxpr)
     assert xla == []  # impl=None is still "xla"
 
 
@@ -242,7 +207,7 @@ def test_token_major_layout_reads_inputs_in_place(monkeypatch):
     # The GPU layout tiles [B, T, H, D] directly: no transpose of q, k, v or o around the kernel.
     q, k, v, _ = CASES["causal_gqa_odd_t"].inputs(7)
     trace = lambda: jax.make_jaxpr(lambda q, k, v: ops.attention(q, k, v, impl="pallas"))(q, k, v).jaxpr
-    transposes = lambda: sum(e.primitive.name == "transpose" for e in _eqns_outside_kernels(trace()))
+    transposes = lambda: sum(e.primitive.name == "transpose" for e in equations_outside_kernels(trace()))
     assert transposes() == 4  # head-major: q, k, v in, o out
     use_token_major(monkeypatch)
     assert transposes() == 0
@@ -295,6 +260,9 @@ def test_bad_arguments_raise():
         BlockSizes(block_q=24, block_k=16, block_q_bwd=16, block_k_bwd=16)
     with pytest.raises(ValueError, match="power of two"):
         BlockSizes(block_q=8, block_k=16, block_q_bwd=16, block_k_bwd=16)
+    q = jnp.zeros((1, 256, 2, 16))
+    with pytest.raises(ValueError, match="multiples of 128 on TPU"):  # key tiles are lanes there
+        flash_attention(q, q, q, block_sizes=SMALL_TILES, interpret=pltpu.InterpretParams())
 
 
 def _lower_for(platform: str, backend: str, monkeypatch) -> list[str]:

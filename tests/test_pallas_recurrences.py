@@ -1,7 +1,9 @@
-"""impl="pallas" for every linear recurrence against the float32 recurrent reference, in Pallas
-interpret mode: outputs, final states and the gradient of every input (gates, beta and the
-initial state included), with packed documents, grouped value heads, odd T, K and V that are not
-powers of two, extreme gates, bf16 inputs, both kernel drivers and split value blocks."""
+"""impl="pallas" for every linear recurrence against the float32 recurrent reference, in the HLO
+interpreter: outputs, final states and the gradient of every input (gates, beta and the initial
+state included), with packed documents, grouped value heads, odd T, K and V that are not powers
+of two, extreme gates, bf16 inputs, both kernel drivers and split value blocks. Also: kernel
+settings reach jitted callers, and the kernels lower for GPU (Triton) and TPU (Mosaic) from CPU.
+The TPU kernels run in TPU interpret mode in test_pallas_tpu_interpret.py."""
 
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 import kernels_pallas.delta
 import kernels_pallas.gla
 import kernels_pallas.simple_gla
 from jaxlm import ops
+from kernels_pallas import KernelSettings, current_settings, kernel_settings
+from jaxprs import pallas_call_eqns, pallas_call_names
 from numerics import BF16_GATE_GRAD, BF16_GRAD, BF16_OUT, F32_GRAD, F32_OUT, assert_close
 
 # (B, T, H, HV, K, V): odd T, grouped value heads, K and V padded inside to 16.
@@ -42,7 +47,6 @@ DIFF = {
     "gated_delta_rule": ("q", "k", "v", "g", "beta", "s0"),
 }
 GATE_GRADS = ("g", "gk", "beta")
-KERNELS = {"simple_gla": kernels_pallas.simple_gla, "gla": kernels_pallas.gla, "gated_delta_rule": kernels_pallas.delta}
 
 
 def make_inputs(shape, seed=0, dtype=jnp.float32):
@@ -139,32 +143,11 @@ def test_bf16_inputs(op):
 
 
 @pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])
-def test_grid_driver_and_value_blocks(op, monkeypatch):
-    """The TPU driver (chunks on a sequential grid axis, state in scratch) with the value columns
-    split into two blocks, whose key-side cotangents are partial sums."""
-    module = KERNELS[op]
-    name = module.__all__[0]
-    monkeypatch.setattr(module, name, functools.partial(getattr(module, name), driver="grid", block_v=16))
-    evaluate_fn.cache_clear()
-    try:
+def test_grid_driver_and_value_blocks(op):
+    """The TPU driver (chunks on a sequential grid axis, state in scratch) in the HLO interpreter,
+    with the value columns split into two blocks, whose key-side cotangents are partial sums."""
+    with kernel_settings(driver="grid", block_v=16):
         check_against_recurrent(make_inputs(WIDE, seed=4), op, 16, None)
-    finally:
-        evaluate_fn.cache_clear()
-
-
-def _pallas_call_names(jaxpr) -> list[str]:
-    """Names of every pallas_call in a jaxpr, looking inside every sub-jaxpr."""
-    names = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            names.append(str(eqn.params["name"]))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    names += _pallas_call_names(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    names += _pallas_call_names(sub)
-    return names
 
 
 @pytest.mark.parametrize(
@@ -178,7 +161,104 @@ def test_kernels_run_forward_and_backward(op, kernel):
         loss = functools.partial(_loss, rest=rest, segment_ids=SEGMENTS, op=op, impl=impl, chunk_size=16)
         return jax.make_jaxpr(jax.value_and_grad(lambda d: loss(d)[0]))(diff).jaxpr
 
-    names = _pallas_call_names(grad_jaxpr("pallas"))
+    names = pallas_call_names(grad_jaxpr("pallas"))
     assert len(names) >= 2
     assert f"{kernel}_forward" in names and f"{kernel}_backward" in names, names
-    assert _pallas_call_names(grad_jaxpr(None)) == []  # impl=None still picks the XLA chunk form
+    assert pallas_call_names(grad_jaxpr(None)) == []  # impl=None still picks the XLA chunk form
+
+
+def test_settings_reach_a_jitted_caller():
+    """Kernel settings are part of jit's cache key: a jitted caller traces again under new
+    settings (here the grid driver), and reuses its first trace once they are restored."""
+    x = make_inputs(WIDE, seed=5)
+    op = functools.partial(OPS["simple_gla"], impl="pallas", chunk_size=16, output_final_state=True)
+    traced = []
+
+    def run(x):
+        traced.append(current_settings())
+        return op(x)
+
+    jitted = jax.jit(run)
+    o_loop, s_loop = jitted(x)
+    with kernel_settings(driver="grid", block_v=16) as grid_settings:
+        o_grid, s_grid = jitted(x)
+        grids = [eqn.params["grid_mapping"].grid for eqn in pallas_call_eqns(jax.make_jaxpr(op)(x).jaxpr)]
+    jitted(x)
+    assert traced == [KernelSettings(), grid_settings]
+    assert grids == [(2, 2, 3)]  # (B*HV, V/16 value blocks, chunks)
+    assert_close(o_grid, o_loop, F32_OUT, "o")
+    assert_close(s_grid, s_loop, F32_OUT, "final state")
+
+
+def test_bad_settings_raise():
+    with pytest.raises(ValueError, match="unknown kernel settings"):
+        with kernel_settings(block_w=16):
+            pass
+    with pytest.raises(ValueError, match="driver"):
+        KernelSettings(driver="scan")
+    with pytest.raises(ValueError, match="block_v"):
+        KernelSettings(block_v=24)
+    x = jnp.zeros((1, 16, 16))
+    s0 = jnp.zeros((1, 16, 256))
+    v = jnp.zeros((1, 16, 256))
+    kernel = kernels_pallas.simple_gla.simple_gla
+    with pytest.raises(ValueError, match="block_v on TPU"):  # a [C, 64] block breaks Mosaic's (8, 128) tiling
+        kernel(x, x, v, x[..., :1], x[..., :1], s0, chunk=16, backend="tpu", interpret=False, block_v=64)
+    with pytest.raises(ValueError, match="needs backend 'tpu'"):
+        kernel(x, x, v, x[..., :1], x[..., :1], s0, chunk=16, backend="gpu", interpret=pltpu.InterpretParams())
+
+
+# kernel, gate width (1: scalar, None: per key channel), whether it takes beta
+KERNEL_CALLS = {
+    "simple_gla": (kernels_pallas.simple_gla.simple_gla, 1, False),
+    "gla": (kernels_pallas.gla.gla, None, False),
+    "delta": (kernels_pallas.delta.gated_delta_rule, 1, True),
+}
+
+
+def _lowered(platform: str, backend: str) -> dict[str, str]:
+    """Each kernel's value and gradients, lowered with jax.export from this CPU for another
+    platform, with 128-column value blocks of V=256: kernel name -> StableHLO text."""
+    from jax import export
+
+    bh, t, dk, dv = 2, 256, 128, 256
+    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+    custom_call = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}[platform]
+    modules = {}
+    for name, (kernel, gate_width, with_beta) in KERNEL_CALLS.items():
+        gate = f32((bh, t, gate_width or dk))
+        args = [f32((bh, t, dk)), f32((bh, t, dk)), f32((bh, t, dv)), gate, gate]
+        args += [f32((bh, t, 1))] * with_beta + [f32((bh, dk, dv))]
+
+        def loss(*a, kernel=kernel):
+            o, s = kernel(*a, chunk=64)
+            return jnp.sum(o) + jnp.sum(s)
+
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+        with kernel_settings(backend=backend, interpret=False, block_v=128):
+            unchecked = [export.DisabledSafetyCheck.custom_call(custom_call)]
+            modules[name] = export.export(fn, platforms=[platform], disabled_checks=unchecked)(*args).mlir_module()
+    return modules
+
+
+def _check_lowered(modules: dict[str, str], custom_call: str) -> None:
+    for name, text in modules.items():
+        assert text.count(f"custom_call @{custom_call}") == 3, name  # forward, states, backward
+        for kernel in ("forward", "states_forward", "backward"):
+            assert f"{name}_{kernel}" in text, (name, kernel)
+
+
+def test_kernels_lower_to_triton_for_gpu():
+    # Lowering only (Pallas -> Triton IR, "loop" driver); compiling that IR needs a GPU.
+    _check_lowered(_lowered("cuda", "gpu"), "__gpu$xla.gpu.triton")
+
+
+def test_kernels_lower_to_mosaic_for_tpu(monkeypatch):
+    # Lowering only (Pallas -> Mosaic MLIR, "grid" driver, as on a TPU v5e): this checks every
+    # block against Mosaic's tiling rules; Mosaic's own compiler runs on a TPU.
+    tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
+    if not hasattr(tpu_info, "registry"):
+        pytest.skip("this jax cannot describe a TPU to lower for without one")
+    v5e = lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
+    monkeypatch.setitem(tpu_info.registry, "cpu", v5e)
+    _check_lowered(_lowered("tpu", "tpu"), "tpu_custom_call")

@@ -7,11 +7,12 @@ from typing import Any
 
 import jax
 
-from kernels_pallas import common as cm
+from kernels_pallas.chunked_driver import chunked_recurrence
 from kernels_pallas.delta.backward import backward_step
 from kernels_pallas.delta.forward import forward_step
+from kernels_pallas.recurrence_config import make_config
 
-_run = cm.chunked_recurrence("delta", forward_step, backward_step, n_diff_keys=4)
+_run = chunked_recurrence("delta", forward_step, backward_step, n_diff_keys=4)
 
 
 def gated_delta_rule(
@@ -26,7 +27,7 @@ def gated_delta_rule(
     chunk: int,
     **options: Any,
 ) -> tuple[jax.Array, jax.Array]:
-    """Chunked gated delta rule in the kernel layout (see kernels_pallas.common).
+    """Chunked gated delta rule in the kernel layout (see kernels_pallas.recurrence_config).
 
     Args:
       q (already scaled), k: [BH, T, K]; v: [BH, T, V]; all float32, T a multiple of ``chunk``,
@@ -37,9 +38,9 @@ def gated_delta_rule(
       beta: [BH, T, 1] write strengths.
       s0: [BH, K, V] start state.
       chunk; options (block_v, interpret, driver, precision, num_warps, backend): see
-        ``common.make_config``.
+        ``recurrence_config.make_config``; defaults from the current ``KernelSettings``.
     Returns:
       o [BH, T, V] and the final state [BH, K, V], float32. Differentiable in q, k, v, b, beta, s0.
     """
-    cfg = cm.make_config(chunk, v.shape[-1], **options)
+    cfg = make_config(chunk, v.shape[-1], **options)
     return _run((q, k, b, beta, n), v, s0, cfg)

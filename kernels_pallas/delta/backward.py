@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas import common as cm
+from kernels_pallas import tile_math as tm
 from kernels_pallas.delta.forward import strictly_lower, unit_lower_inverse
+from kernels_pallas.scalar_decays import scalar_decays
 
 
 def _rowsum(x: jax.Array) -> jax.Array:
@@ -45,32 +46,32 @@ def backward_step(
     dq_ref, dk_ref, db_ref, dbeta_ref, dv_ref = grad_refs
     rows = pl.ds(start, chunk)
     q, k, beta, v, do = q_ref[rows, :], k_ref[rows, :], beta_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-    d = cm.scalar_decays(b_ref[rows, :], n_ref[rows, :])
+    d = scalar_decays(b_ref[rows, :], n_ref[rows, :])
     lower = strictly_lower(d.pair)
-    inverse = unit_lower_inverse(beta * cm.mm_nt(k, k, precision) * lower, precision)
-    residual = v - d.query * cm.mm(k, s, precision)
-    u = cm.mm(inverse, beta * residual, precision)
+    inverse = unit_lower_inverse(beta * tm.mm_nt(k, k, precision) * lower, precision)
+    residual = v - d.query * tm.mm(k, s, precision)
+    u = tm.mm(inverse, beta * residual, precision)
     keys_to_end = k * d.key
-    s_next = d.chunk * s + cm.mm_tn(keys_to_end, u, precision)
+    s_next = d.chunk * s + tm.mm_tn(keys_to_end, u, precision)
 
-    scores = cm.mm_nt(q, k, precision) * d.pair
-    du = cm.mm_tn(scores, do, precision) + cm.mm(keys_to_end, ds_next, precision)
-    dr = cm.mm_tn(inverse, du, precision)
-    dm = -cm.mm_nt(dr, u, precision) * lower
-    dm_k = cm.mm(dm, k, precision)
-    d_scores = cm.mm_nt(do, u, precision) * d.pair
+    scores = tm.mm_nt(q, k, precision) * d.pair
+    du = tm.mm_tn(scores, do, precision) + tm.mm(keys_to_end, ds_next, precision)
+    dr = tm.mm_tn(inverse, du, precision)
+    dm = -tm.mm_nt(dr, u, precision) * lower
+    dm_k = tm.mm(dm, k, precision)
+    d_scores = tm.mm_nt(do, u, precision) * d.pair
 
-    dq = cm.mm(d_scores, k, precision) + d.query * cm.mm_nt(do, s, precision)
-    dk_later = beta * dm_k - (beta * d.query) * cm.mm_nt(dr, s, precision)
+    dq = tm.mm(d_scores, k, precision) + d.query * tm.mm_nt(do, s, precision)
+    dk_later = beta * dm_k - (beta * d.query) * tm.mm_nt(dr, s, precision)
     dk_earlier = (
-        cm.mm_tn(beta * dm, k, precision) + cm.mm_tn(d_scores, q, precision) + d.key * cm.mm_nt(u, ds_next, precision)
+        tm.mm_tn(beta * dm, k, precision) + tm.mm_tn(d_scores, q, precision) + d.key * tm.mm_nt(u, ds_next, precision)
     )
-    db = _rowsum(q * dq + k * dk_later - k * dk_earlier) + cm.last_row(cm.total(s_next * ds_next), chunk)
+    db = _rowsum(q * dq + k * dk_later - k * dk_earlier) + tm.last_row(tm.total(s_next * ds_next), chunk)
 
     dq_ref[rows, :] = dq
     dk_ref[rows, :] = dk_later + dk_earlier
     db_ref[rows, :] = db
     dbeta_ref[rows, :] = _rowsum(dr * residual) + _rowsum(k * dm_k)
     dv_ref[rows, :] = beta * dr
-    ds = cm.mm_tn(q * d.query, do, precision) + d.chunk * ds_next
-    return ds - cm.mm_tn(beta * d.query * k, dr, precision)
+    ds = tm.mm_tn(q * d.query, do, precision) + d.chunk * ds_next
+    return ds - tm.mm_tn(beta * d.query * k, dr, precision)

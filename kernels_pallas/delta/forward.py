@@ -19,13 +19,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas import common as cm
+from kernels_pallas import tile_math as tm
+from kernels_pallas.scalar_decays import scalar_decays
+
 
 BLOCK = 16  # diagonal block of the triangular inverse
 
 
 def strictly_lower(x: jax.Array) -> jax.Array:
-    return jnp.where(cm.row_ids(x.shape) > cm.col_ids(x.shape), x, 0.0)
+    return jnp.where(tm.row_ids(x.shape) > tm.col_ids(x.shape), x, 0.0)
 
 
 def unit_lower_inverse(m: jax.Array, precision: Any) -> jax.Array:
@@ -38,7 +40,7 @@ def unit_lower_inverse(m: jax.Array, precision: Any) -> jax.Array:
     """
     c = m.shape[0]
     block = min(BLOCK, c)
-    rows, cols = cm.row_ids((c, c)), cm.col_ids((c, c))
+    rows, cols = tm.row_ids((c, c)), tm.col_ids((c, c))
     eye = jnp.where(rows == cols, 1.0, 0.0)
     shift = block.bit_length() - 1
     same_block = lax.shift_right_logical(rows, shift) == lax.shift_right_logical(cols, shift)
@@ -46,16 +48,16 @@ def unit_lower_inverse(m: jax.Array, precision: Any) -> jax.Array:
     row_in_block = jnp.bitwise_and(rows, block - 1)
 
     def substitute(t, y):
-        return jnp.where(row_in_block == t, eye - cm.mm(m_diag, y, precision), y)
+        return jnp.where(row_in_block == t, eye - tm.mm(m_diag, y, precision), y)
 
-    y = lax.fori_loop(0, block, substitute, jnp.zeros((c, c), cm.F32))
+    y = lax.fori_loop(0, block, substitute, jnp.zeros((c, c), tm.F32))
     if c == block:
         return y
-    n_off = cm.mm(y, m - m_diag, precision)
+    n_off = tm.mm(y, m - m_diag, precision)
     z = eye
     for _ in range(c // block - 1):
-        z = eye - cm.mm(n_off, z, precision)
-    return cm.mm(z, y, precision)
+        z = eye - tm.mm(n_off, z, precision)
+    return tm.mm(z, y, precision)
 
 
 def forward_step(
@@ -66,11 +68,11 @@ def forward_step(
     q_ref, k_ref, b_ref, beta_ref, n_ref, v_ref = refs
     rows = pl.ds(start, chunk)
     k, beta, v = k_ref[rows, :], beta_ref[rows, :], v_ref[rows, :]
-    d = cm.scalar_decays(b_ref[rows, :], n_ref[rows, :])
-    inverse = unit_lower_inverse(beta * cm.mm_nt(k, k, precision) * strictly_lower(d.pair), precision)
-    u = cm.mm(inverse, beta * (v - d.query * cm.mm(k, s, precision)), precision)
+    d = scalar_decays(b_ref[rows, :], n_ref[rows, :])
+    inverse = unit_lower_inverse(beta * tm.mm_nt(k, k, precision) * strictly_lower(d.pair), precision)
+    u = tm.mm(inverse, beta * (v - d.query * tm.mm(k, s, precision)), precision)
     if o_ref is not None:
         q = q_ref[rows, :]
-        scores = cm.mm_nt(q, k, precision) * d.pair
-        o_ref[rows, :] = d.query * cm.mm(q, s, precision) + cm.mm(scores, u, precision)
-    return d.chunk * s + cm.mm_tn(k * d.key, u, precision)
+        scores = tm.mm_nt(q, k, precision) * d.pair
+        o_ref[rows, :] = d.query * tm.mm(q, s, precision) + tm.mm(scores, u, precision)
+    return d.chunk * s + tm.mm_tn(k * d.key, u, precision)

@@ -13,6 +13,7 @@ from kernels_pallas.flash_attention import config, tiles
 from kernels_pallas.flash_attention.backward import backward
 from kernels_pallas.flash_attention.forward import forward
 from kernels_pallas.flash_attention.layout import Layout
+from kernels_pallas.settings import Interpret, Target, resolve_target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,11 +22,10 @@ class _Static:
     scale: float
     blocks: config.BlockSizes
     layout: Layout
-    interpret: bool
+    target: Target
 
     def kernel_args(self) -> dict:
-        return dict(spec=self.spec, scale=self.scale, blocks=self.blocks, layout=self.layout,
-                    interpret=self.interpret)
+        return dict(spec=self.spec, scale=self.scale, blocks=self.blocks, layout=self.layout, target=self.target)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -77,7 +77,8 @@ def flash_attention(
     scale: float | None = None,
     window: int | None = None,
     block_sizes: config.BlockSizes | None = None,
-    interpret: bool | None = None,
+    interpret: Interpret | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
     """Softmax attention by the flash-attention kernels, differentiable in q, k and v.
 
@@ -88,8 +89,10 @@ def flash_attention(
       causal: key s visible to query t only if s <= t (needs S == T).
       scale: multiplies the scores; default D**-0.5.
       window: causal: t - window < s <= t; non-causal: |t - s| < window.
-      block_sizes: tiles; default per backend (config.default_block_sizes), shrunk for short inputs.
-      interpret: run the kernels in the Pallas interpreter; default: when the backend is the CPU.
+      block_sizes: tiles; default per target (config.default_block_sizes), shrunk for short inputs.
+      interpret, backend: where the kernels run (kernels_pallas.settings: False compiled, True the
+        HLO interpreter, a pltpu.InterpretParams TPU interpret mode); defaults from the current
+        ``KernelSettings``, else the HLO interpreter on CPU and compiled elsewhere.
     Returns:
       o [B, T, H, Dv] in v's dtype. Matmuls take the inputs' (common) dtype and accumulate in
       float32. A query that sees no key gets zeros.
@@ -107,19 +110,20 @@ def flash_attention(
         raise ValueError(f"window must be None or a positive int, got {window!r}")
     if segment_ids is not None and segment_ids.shape != (b, t):
         raise ValueError(f"segment_ids must have shape [B={b}, T={t}], got {segment_ids.shape}")
-    interpret = config.use_interpret(interpret)
+    target = resolve_target(backend, interpret)
     dp, dvp = config.padded_head_dim(d), config.padded_head_dim(dv)
-    blocks = block_sizes or config.default_block_sizes(max(dp, dvp), interpret)
-    blocks = _fit_blocks(blocks, t, s, config.min_block(interpret))
+    blocks = block_sizes or config.default_block_sizes(max(dp, dvp), target)
+    blocks = _fit_blocks(blocks, t, s, config.min_block(target))
+    config.check_tpu_blocks(blocks, target)
     scale = d**-0.5 if scale is None else float(scale)
     window = None if window is None else int(window)
-    layout = Layout(token_major=config.token_major(interpret))
+    layout = Layout(token_major=config.token_major(target))
     return _flash(q, k, v, segment_ids, causal=bool(causal), scale=scale, window=window, blocks=blocks,
-                  layout=layout, interpret=interpret)
+                  layout=layout, target=target)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "window", "blocks", "layout", "interpret"))
-def _flash(q, k, v, segment_ids, *, causal, scale, window, blocks, layout, interpret):
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "window", "blocks", "layout", "target"))
+def _flash(q, k, v, segment_ids, *, causal, scale, window, blocks, layout, target):
     b, t, h, d = q.shape
     s, dv = k.shape[1], v.shape[3]
     tq = -(-t // max(blocks.block_q, blocks.block_q_bwd)) * max(blocks.block_q, blocks.block_q_bwd)
@@ -139,6 +143,6 @@ def _flash(q, k, v, segment_ids, *, causal, scale, window, blocks, layout, inter
         kv_seg = _pad_axis(ids, 1, sk)[:, None, :]
     spec = tiles.MaskSpec(causal=causal, window=window, q_len=t, kv_len=s, kv_padded=sk > s,
                           has_segments=segment_ids is not None)
-    o = _attend(qh, kh, vh, q_seg, kv_seg, _Static(spec, scale, blocks, layout, interpret))
+    o = _attend(qh, kh, vh, q_seg, kv_seg, _Static(spec, scale, blocks, layout, target))
     o = o if layout.token_major else jnp.swapaxes(o, 1, 2)
     return o[:, :t, :, :dv].astype(v.dtype)

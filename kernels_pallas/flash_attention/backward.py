@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.flash_attention import config, tiles
 from kernels_pallas.flash_attention.layout import HEAD_MAJOR, Layout
+from kernels_pallas.settings import Target
 
 
 def _probabilities(spec, q, k, lse, q_start, k_start, rows, cols, scale, q_seg, kv_seg):
@@ -88,7 +89,7 @@ def _dkv_kernel(*refs, spec: tiles.MaskSpec, scale: float, block_q: int, block_k
 
 
 def backward(q, k, v, q_seg, kv_seg, do, lse, delta, *, spec: tiles.MaskSpec, scale: float,
-             blocks: config.BlockSizes, layout: Layout, interpret: bool):
+             blocks: config.BlockSizes, layout: Layout, target: Target):
     """Gradients of the forward's o. q, k, v, segments and layout as for ``forward``; do like o;
     lse, delta [B, H, Tq, 1] float32. Returns dq, dk, dv shaped and typed like q, k, v.
     """
@@ -96,7 +97,7 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, *, spec: tiles.MaskSpec, sc
     _, hk, sk, dv_dim = layout.dims(v.shape)
     groups = h // hk
     bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
-    params = config.compiler_params(interpret, max(d, dv_dim))
+    params = config.compiler_params(target, max(d, dv_dim))
     kernel_args = dict(spec=spec, scale=scale, block_q=bq, block_k=bk)
     segs = [q_seg, kv_seg] if spec.has_segments else []
 
@@ -115,7 +116,7 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, *, spec: tiles.MaskSpec, sc
         out_specs=layout.tile(bq, d),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
-        interpret=interpret,
+        interpret=target.interpret,
         name="flash_attention_bwd_dq",
     )(q, k, v, do, lse, delta, *segs)
 
@@ -133,7 +134,7 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, *, spec: tiles.MaskSpec, sc
         out_specs=[layout.tile(bk, d), layout.tile(bk, dv_dim)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params,
-        interpret=interpret,
+        interpret=target.interpret,
         name="flash_attention_bwd_dkv",
     )(q, k, v, do, lse, delta, *segs)
     return dq, dk, dv

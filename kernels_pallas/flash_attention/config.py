@@ -1,4 +1,4 @@
-"""Block sizes and backend choices for the flash-attention kernels.
+"""Block sizes and backend choices for the flash-attention kernels, by ``settings.Target``.
 
 Every block size is a power of two of at least 16 (Triton's matmul minimum); on TPU the key
 block is also the lane dimension of the score tile and of the key segment ids, so it is at
@@ -10,9 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from kernels_pallas.settings import Target
 
 MAX_HEAD_DIM = 256
+TPU_LANES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,18 +43,24 @@ _TPU = BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
 INTERPRET_BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
 
 
-def default_block_sizes(head_dim: int, interpret: bool) -> BlockSizes:
-    """The tiles used when the caller names none, by backend and (padded) head dim."""
-    if interpret:
+def default_block_sizes(head_dim: int, target: Target) -> BlockSizes:
+    """The tiles used when the caller names none, by target and (padded) head dim."""
+    if target.hlo_interpreter:
         return INTERPRET_BLOCKS
-    if jax.default_backend() == "tpu":
+    if target.backend == "tpu":
         return _TPU
     return _GPU if head_dim <= 128 else _GPU_WIDE
 
 
-def min_block(interpret: bool) -> int:
+def min_block(target: Target) -> int:
     """The smallest tile a block may shrink to for a short sequence."""
-    return 128 if not interpret and jax.default_backend() == "tpu" else 16
+    return TPU_LANES if target.tpu_kernel else 16
+
+
+def check_tpu_blocks(blocks: BlockSizes, target: Target) -> None:
+    """The TPU kernel's key tiles are the lanes of the score tile and of the key segment ids."""
+    if target.tpu_kernel and (blocks.block_k % TPU_LANES or blocks.block_k_bwd % TPU_LANES):
+        raise ValueError(f"block_sizes: block_k and block_k_bwd must be multiples of {TPU_LANES} on TPU, got {blocks}")
 
 
 def fit_block(block: int, length: int, floor: int) -> int:
@@ -63,28 +73,19 @@ def padded_head_dim(dim: int) -> int:
     return max(16, 1 << max(0, (dim - 1).bit_length()))
 
 
-def use_interpret(interpret: bool | None) -> bool:
-    """Interpret mode when asked, or by default when the default backend is the CPU."""
-    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+def token_major(target: Target) -> bool:
+    """Tile layout (layout.py): compiled GPU kernels read [B, T, H, D] in place; TPU and the
+    interpreters use head-major [B, H, T, D]."""
+    return target.backend == "gpu" and target.interpret is False
 
 
-def token_major(interpret: bool) -> bool:
-    """Tile layout (layout.py): GPU kernels read [B, T, H, D] in place; TPU and the interpreter
-    use head-major [B, H, T, D]."""
-    return not interpret and jax.default_backend() == "gpu"
-
-
-def compiler_params(interpret: bool, head_dim: int) -> Any:
-    """Backend compiler parameters for a 3-D grid of independent programs (None in interpret mode)."""
-    if interpret:
+def compiler_params(target: Target, head_dim: int) -> Any:
+    """Backend compiler parameters for a 3-D grid of independent programs (None for the HLO
+    interpreter; TPU interpret mode reads the Mosaic ones)."""
+    if target.hlo_interpreter:
         return None
-    backend = jax.default_backend()
-    if backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
+    if target.backend == "tpu":
         return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
-    if backend == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-
+    if target.backend == "gpu":
         return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
     return None

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.flash_attention import config, tiles
 from kernels_pallas.flash_attention.layout import HEAD_MAJOR, Layout
+from kernels_pallas.settings import Target
 
 
 def _forward_kernel(*refs, spec: tiles.MaskSpec, scale: float, block_q: int, block_k: int):
@@ -63,7 +64,7 @@ def _forward_kernel(*refs, spec: tiles.MaskSpec, scale: float, block_q: int, blo
 
 
 def forward(q, k, v, q_seg, kv_seg, *, spec: tiles.MaskSpec, scale: float, blocks: config.BlockSizes,
-            layout: Layout, interpret: bool):
+            layout: Layout, target: Target):
     """q [B, H, Tq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv] (head-major; token-major swaps the
     head and length axes), tile-padded; q_seg [B, Tq, 1] and kv_seg [B, 1, Sk] int32 or None.
     Returns o like q with width Dv, in q's dtype, and lse [B, H, Tq, 1] float32.
@@ -91,7 +92,7 @@ def forward(q, k, v, q_seg, kv_seg, *, spec: tiles.MaskSpec, scale: float, block
             jax.ShapeDtypeStruct(layout.array_shape(b, h, tq, dv), q.dtype),
             jax.ShapeDtypeStruct((b, h, tq, 1), jnp.float32),
         ],
-        compiler_params=config.compiler_params(interpret, max(d, dv)),
-        interpret=interpret,
+        compiler_params=config.compiler_params(target, max(d, dv)),
+        interpret=target.interpret,
         name="flash_attention_fwd",
     )(*operands)

@@ -7,11 +7,12 @@ from typing import Any
 
 import jax
 
-from kernels_pallas import common as cm
+from kernels_pallas.chunked_driver import chunked_recurrence
 from kernels_pallas.gla.backward import backward_step
 from kernels_pallas.gla.forward import SUB, forward_step
+from kernels_pallas.recurrence_config import make_config
 
-_run = cm.chunked_recurrence("gla", forward_step, backward_step, n_diff_keys=3)
+_run = chunked_recurrence("gla", forward_step, backward_step, n_diff_keys=3)
 
 
 def gla(
@@ -25,7 +26,7 @@ def gla(
     chunk: int,
     **options: Any,
 ) -> tuple[jax.Array, jax.Array]:
-    """Chunked vector-gate recurrence in the kernel layout (see kernels_pallas.common).
+    """Chunked vector-gate recurrence in the kernel layout (see kernels_pallas.recurrence_config).
 
     Args:
       q (already scaled), k: [BH, T, K]; v: [BH, T, V]; all float32, T a multiple of ``chunk``,
@@ -35,11 +36,12 @@ def gla(
         channel (a document start counts in every channel).
       s0: [BH, K, V] start state.
       chunk (a multiple of the 16-token sub-block); options (block_v, interpret, driver,
-        precision, num_warps, backend): see ``common.make_config``.
+        precision, num_warps, backend): see ``recurrence_config.make_config``; defaults from
+        the current ``KernelSettings``.
     Returns:
       o [BH, T, V] and the final state [BH, K, V], float32. Differentiable in q, k, v, b, s0.
     """
-    cfg = cm.make_config(chunk, v.shape[-1], **options)
+    cfg = make_config(chunk, v.shape[-1], **options)
     if cfg.chunk % SUB:
         raise ValueError(f"chunk must be a multiple of {SUB}, got {chunk}")
     return _run((q, k, b, n), v, s0, cfg)

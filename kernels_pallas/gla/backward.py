@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas import common as cm
+from kernels_pallas import tile_math as tm
 from kernels_pallas.gla.forward import SUB, diag_block, end_decays
 
 
@@ -41,41 +41,41 @@ def backward_step(
     q, k, b, n = q_ref[whole, :], k_ref[whole, :], b_ref[whole, :], n_ref[whole, :]
     v, do = v_ref[whole, :], do_ref[whole, :]
     key_decay, chunk_decay = end_decays(b, n)
-    b_end, n_end = cm.take_row(b, chunk - 1), cm.take_row(n, chunk - 1)
-    s_next = chunk_decay * s + cm.mm_tn(k * key_decay, v, precision)
-    end_term = cm.col_to_row(jnp.sum(s_next * ds_next, axis=1, keepdims=True))  # [1, K]
-    local = cm.row_ids((chunk, 1))
+    b_end, n_end = tm.take_row(b, chunk - 1), tm.take_row(n, chunk - 1)
+    s_next = chunk_decay * s + tm.mm_tn(k * key_decay, v, precision)
+    end_term = tm.col_to_row(jnp.sum(s_next * ds_next, axis=1, keepdims=True))  # [1, K]
+    local = tm.row_ids((chunk, 1))
     n_sub = chunk // SUB
-    last_token = cm.row_ids((SUB, 1)) == SUB - 1
+    last_token = tm.row_ids((SUB, 1)) == SUB - 1
 
     def sub_block(m, ds):
         rows = pl.ds(pl.multiple_of(start + m * SUB, SUB), SUB)
         q_m, k_m, b_m, n_m, v_m, do_m = (r[rows, :] for r in (q_ref, k_ref, b_ref, n_ref, v_ref, do_ref))
-        scores_mm, dq_m, dk_m = diag_block(q_m, k_m, b_m, n_m, cm.mm_nt(do_m, v_m, precision))
+        scores_mm, dq_m, dk_m = diag_block(q_m, k_m, b_m, n_m, tm.mm_nt(do_m, v_m, precision))
 
-        b_r, n_r = cm.take_row(b_m, 0), cm.take_row(n_m, 0)
-        k_f = k * cm.masked_exp(b_r - b, jnp.logical_and(local < m * SUB, n == n_r))
-        dq_m += cm.masked_exp(b_m - b_r, n_m == n_r) * cm.mm(cm.mm_nt(do_m, v, precision), k_f, precision)
+        b_r, n_r = tm.take_row(b_m, 0), tm.take_row(n_m, 0)
+        k_f = k * tm.masked_exp(b_r - b, jnp.logical_and(local < m * SUB, n == n_r))
+        dq_m += tm.masked_exp(b_m - b_r, n_m == n_r) * tm.mm(tm.mm_nt(do_m, v, precision), k_f, precision)
 
-        b_e, n_e = cm.take_row(b_m, SUB - 1), cm.take_row(n_m, SUB - 1)
-        k_to_e = cm.masked_exp(b_e - b_m, n_m == n_e)
-        q_f = q * cm.masked_exp(b - b_e, jnp.logical_and(local >= (m + 1) * SUB, n == n_e))
-        dk_m += k_to_e * cm.mm_tn(cm.mm_nt(do, v_m, precision), q_f, precision)
-        dv_m = cm.mm_tn(cm.mm_nt(q_f, k_m * k_to_e, precision), do, precision)
-        dv_m += cm.mm_tn(scores_mm, do_m, precision)
+        b_e, n_e = tm.take_row(b_m, SUB - 1), tm.take_row(n_m, SUB - 1)
+        k_to_e = tm.masked_exp(b_e - b_m, n_m == n_e)
+        q_f = q * tm.masked_exp(b - b_e, jnp.logical_and(local >= (m + 1) * SUB, n == n_e))
+        dk_m += k_to_e * tm.mm_tn(tm.mm_nt(do, v_m, precision), q_f, precision)
+        dv_m = tm.mm_tn(tm.mm_nt(q_f, k_m * k_to_e, precision), do, precision)
+        dv_m += tm.mm_tn(scores_mm, do_m, precision)
 
-        q_start = cm.masked_exp(b_m, n_m == 0.0)
-        k_end = cm.masked_exp(b_end - b_m, n_m == n_end)
-        dq_m += q_start * cm.mm_nt(do_m, s, precision)
-        dk_m += k_end * cm.mm_nt(v_m, ds_next, precision)
-        dv_m += cm.mm(k_m * k_end, ds_next, precision)
+        q_start = tm.masked_exp(b_m, n_m == 0.0)
+        k_end = tm.masked_exp(b_end - b_m, n_m == n_end)
+        dq_m += q_start * tm.mm_nt(do_m, s, precision)
+        dk_m += k_end * tm.mm_nt(v_m, ds_next, precision)
+        dv_m += tm.mm(k_m * k_end, ds_next, precision)
         end = jnp.logical_and(last_token, m == n_sub - 1)
 
         dq_ref[rows, :] = dq_m
         dk_ref[rows, :] = dk_m
         db_ref[rows, :] = q_m * dq_m - k_m * dk_m + jnp.where(end, end_term, 0.0)
         dv_ref[rows, :] = dv_m
-        return ds + cm.mm_tn(q_m * q_start, do_m, precision)
+        return ds + tm.mm_tn(q_m * q_start, do_m, precision)
 
     return lax.fori_loop(0, n_sub, sub_block, chunk_decay * ds_next)
 

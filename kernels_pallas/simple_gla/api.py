@@ -7,11 +7,12 @@ from typing import Any
 
 import jax
 
-from kernels_pallas import common as cm
+from kernels_pallas.chunked_driver import chunked_recurrence
+from kernels_pallas.recurrence_config import make_config
 from kernels_pallas.simple_gla.backward import backward_step
 from kernels_pallas.simple_gla.forward import forward_step
 
-_run = cm.chunked_recurrence("simple_gla", forward_step, backward_step, n_diff_keys=3)
+_run = chunked_recurrence("simple_gla", forward_step, backward_step, n_diff_keys=3)
 
 
 def simple_gla(
@@ -25,7 +26,7 @@ def simple_gla(
     chunk: int,
     **options: Any,
 ) -> tuple[jax.Array, jax.Array]:
-    """Chunked scalar-gate recurrence in the kernel layout (see kernels_pallas.common).
+    """Chunked scalar-gate recurrence in the kernel layout (see kernels_pallas.recurrence_config).
 
     Args:
       q (already scaled), k: [BH, T, K]; v: [BH, T, V]; all float32, T a multiple of ``chunk``,
@@ -35,9 +36,9 @@ def simple_gla(
         state before its token).
       s0: [BH, K, V] start state.
       chunk; options (block_v, interpret, driver, precision, num_warps, backend): see
-        ``common.make_config``.
+        ``recurrence_config.make_config``; defaults from the current ``KernelSettings``.
     Returns:
       o [BH, T, V] and the final state [BH, K, V], float32. Differentiable in q, k, v, b, s0.
     """
-    cfg = cm.make_config(chunk, v.shape[-1], **options)
+    cfg = make_config(chunk, v.shape[-1], **options)
     return _run((q, k, b, n), v, s0, cfg)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas import common as cm
+from kernels_pallas import tile_math as tm
+from kernels_pallas.scalar_decays import scalar_decays
 
 
 def backward_step(
@@ -38,18 +39,18 @@ def backward_step(
     dq_ref, dk_ref, db_ref, dv_ref = grad_refs
     rows = pl.ds(start, chunk)
     q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-    d = cm.scalar_decays(b_ref[rows, :], n_ref[rows, :])
+    d = scalar_decays(b_ref[rows, :], n_ref[rows, :])
     keys_to_end = k * d.key
-    s_next = d.chunk * s + cm.mm_tn(keys_to_end, v, precision)
+    s_next = d.chunk * s + tm.mm_tn(keys_to_end, v, precision)
 
-    scores = cm.mm_nt(q, k, precision) * d.pair
-    d_scores = cm.mm_nt(do, v, precision) * d.pair
-    dq = cm.mm(d_scores, k, precision) + d.query * cm.mm_nt(do, s, precision)
-    dk = cm.mm_tn(d_scores, q, precision) + d.key * cm.mm_nt(v, ds_next, precision)
-    db = jnp.sum(q * dq - k * dk, axis=1, keepdims=True) + cm.last_row(cm.total(s_next * ds_next), chunk)
+    scores = tm.mm_nt(q, k, precision) * d.pair
+    d_scores = tm.mm_nt(do, v, precision) * d.pair
+    dq = tm.mm(d_scores, k, precision) + d.query * tm.mm_nt(do, s, precision)
+    dk = tm.mm_tn(d_scores, q, precision) + d.key * tm.mm_nt(v, ds_next, precision)
+    db = jnp.sum(q * dq - k * dk, axis=1, keepdims=True) + tm.last_row(tm.total(s_next * ds_next), chunk)
 
     dq_ref[rows, :] = dq
     dk_ref[rows, :] = dk
     db_ref[rows, :] = db
-    dv_ref[rows, :] = cm.mm_tn(scores, do, precision) + cm.mm(keys_to_end, ds_next, precision)
-    return cm.mm_tn(q * d.query, do, precision) + d.chunk * ds_next
+    dv_ref[rows, :] = tm.mm_tn(scores, do, precision) + tm.mm(keys_to_end, ds_next, precision)
+    return tm.mm_tn(q * d.query, do, precision) + d.chunk * ds_next

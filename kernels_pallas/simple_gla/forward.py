@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import jax
 from jax.experimental import pallas as pl
 
-from kernels_pallas import common as cm
+from kernels_pallas import tile_math as tm
+from kernels_pallas.scalar_decays import scalar_decays
 
 
 def forward_step(
@@ -22,9 +23,9 @@ def forward_step(
     q_ref, k_ref, b_ref, n_ref, v_ref = refs
     rows = pl.ds(start, chunk)
     k, v = k_ref[rows, :], v_ref[rows, :]
-    d = cm.scalar_decays(b_ref[rows, :], n_ref[rows, :])
+    d = scalar_decays(b_ref[rows, :], n_ref[rows, :])
     if o_ref is not None:
         q = q_ref[rows, :]
-        scores = cm.mm_nt(q, k, precision) * d.pair
-        o_ref[rows, :] = cm.mm(scores, v, precision) + d.query * cm.mm(q, s, precision)
-    return d.chunk * s + cm.mm_tn(k * d.key, v, precision)
+        scores = tm.mm_nt(q, k, precision) * d.pair
+        o_ref[rows, :] = tm.mm(scores, v, precision) + d.query * tm.mm(q, s, precision)
+    return d.chunk * s + tm.mm_tn(k * d.key, v, precision)

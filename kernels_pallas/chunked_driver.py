@@ -1,12 +1,5 @@
-"""What the chunked linear-recurrence kernels share: configuration, in-kernel math helpers and
-the two drivers that turn a per-chunk step into a ``pallas_call``.
-
-Kernel layout. Every per-token array is ``[BH, T, D]`` float32 (batch and value heads flattened,
-T a multiple of the chunk C, D a power of two >= 16); states are ``[BH, K, V]``. "Key-side"
-arrays (q, k, gate cumsums, reset counts, beta) are read whole along D; "value-side" arrays
-(v, o and their cotangents) are split into blocks of ``block_v`` columns, because every
-recurrence here acts on the columns of the state independently. A program owns one
-(head, value block) pair.
+"""The two drivers that turn a per-chunk step of a linear recurrence into a ``pallas_call``, and
+the ``jax.custom_vjp`` that joins a forward and a backward step (layout: recurrence_config.py).
 
 Drivers (same step functions, two ways to walk the chunks):
   "loop": grid (BH, V/BV); a ``fori_loop`` over chunks carries the state. Blocks hold a whole
@@ -25,215 +18,35 @@ cotangents are partial sums over value blocks, shaped ``[V/BV, BH, T, D]``; call
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
-F32 = jnp.float32
-MIN_TILE = 16  # smallest matmul side Triton accepts; chunks, sub-blocks and head dims are >= this
-
-
-class Config(NamedTuple):
-    """Static kernel settings (hashable: a ``custom_vjp`` non-differentiable argument)."""
-
-    chunk: int  # tokens per chunk, a power of two >= 16
-    block_v: int  # value columns per program, a power of two >= 16 dividing V
-    interpret: bool  # run through the Pallas interpreter (CPU)
-    driver: str  # "loop" or "grid" (see module doc)
-    precision: Any  # lax precision or DotAlgorithmPreset of every in-kernel matmul
-    num_warps: int  # Triton only
-    num_stages: int  # Triton only
-    backend: str  # "cpu", "gpu" or "tpu": the platform the kernel is built for
+from kernels_pallas.recurrence_config import RecurrenceConfig, check_layout
+from kernels_pallas.tile_math import F32
 
 
-# Defaults a benchmark or a debugging session may change (read when a kernel is traced):
-#   interpret: None picks interpret mode on CPU only; True forces it anywhere.
-#   gpu_precision: in-kernel matmuls on GPU; 3-pass TF32 keeps float32 accuracy on tensor cores.
-#   gpu_block_v, gpu_num_warps, gpu_num_stages: Triton tiling and launch settings.
-SETTINGS: dict[str, Any] = {
-    "interpret": None,
-    "gpu_precision": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-    "gpu_block_v": 64,
-    "gpu_num_warps": 4,
-    "gpu_num_stages": 1,
-}
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def make_config(
-    chunk: int,
-    v_dim: int,
-    *,
-    block_v: int | None = None,
-    interpret: bool | None = None,
-    driver: str | None = None,
-    precision: Any = None,
-    num_warps: int | None = None,
-    backend: str | None = None,
-) -> Config:
-    """Defaults by backend (``jax.default_backend()`` unless given) and ``SETTINGS``. CPU:
-    interpret mode, "loop", float32 matmuls. GPU: Triton, "loop", 64-column value blocks, 3-pass
-    TF32 matmuls. TPU: Mosaic, "grid", whole value rows (lane-dense blocks), float32 matmuls."""
-    backend = jax.default_backend() if backend is None else backend
-    if interpret is None:
-        interpret = backend == "cpu" if SETTINGS["interpret"] is None else SETTINGS["interpret"]
-    if driver is None:
-        driver = "grid" if backend == "tpu" and not interpret else "loop"
-    if block_v is None:
-        block_v = min(v_dim, SETTINGS["gpu_block_v"]) if backend == "gpu" else v_dim
-    if precision is None:
-        on_gpu = backend == "gpu" and not interpret
-        precision = SETTINGS["gpu_precision"] if on_gpu else lax.Precision.HIGHEST
-    if not (is_power_of_two(chunk) and chunk >= MIN_TILE):
-        raise ValueError(f"chunk must be a power of two >= {MIN_TILE}, got {chunk}")
-    if not (is_power_of_two(block_v) and block_v >= MIN_TILE and v_dim % block_v == 0):
-        raise ValueError(f"block_v must be a power of two >= {MIN_TILE} dividing V={v_dim}, got {block_v}")
-    if driver not in ("loop", "grid"):
-        raise ValueError(f"driver must be 'loop' or 'grid', got {driver!r}")
-    num_warps = SETTINGS["gpu_num_warps"] if num_warps is None else num_warps
-    return Config(chunk, block_v, bool(interpret), driver, precision, num_warps, SETTINGS["gpu_num_stages"], backend)
-
-
-def check_layout(keys: Sequence[jax.Array], values: Sequence[jax.Array], s0: jax.Array, cfg: Config) -> None:
-    """Shapes the kernels assume: [BH, T, D] float32 with T % C == 0 and D powers of two."""
-    bh, t, dk = keys[0].shape
-    dv = values[0].shape[-1]
-    if t % cfg.chunk:
-        raise ValueError(f"T={t} must be a multiple of the chunk {cfg.chunk}; pad first")
-    for x in (*keys, *values):
-        if x.dtype != F32 or x.shape[:2] != (bh, t):
-            raise ValueError(f"per-token inputs must be float32 [BH={bh}, T={t}, D], got {x.dtype} {x.shape}")
-    for name, d in (("K", dk), ("V", dv)):
-        if not (is_power_of_two(d) and d >= MIN_TILE):
-            raise ValueError(f"{name}={d} must be a power of two >= {MIN_TILE}; pad first")
-    if s0.shape != (bh, dk, dv) or s0.dtype != F32:
-        raise ValueError(f"s0 must be float32 [{bh}, {dk}, {dv}], got {s0.dtype} {s0.shape}")
-
-
-# ---------------------------------------------------------------- in-kernel math (2D values)
-
-
-def row_ids(shape: tuple[int, int]) -> jax.Array:
-    return lax.broadcasted_iota(jnp.int32, shape, 0)
-
-
-def col_ids(shape: tuple[int, int]) -> jax.Array:
-    return lax.broadcasted_iota(jnp.int32, shape, 1)
-
-
-def masked_exp(x: jax.Array, keep: jax.Array) -> jax.Array:
-    """exp(x) where keep, else 0; masked before exp too, so no inf - inf or overflow leaks."""
-    return jnp.where(keep, jnp.exp(jnp.where(keep, x, 0.0)), 0.0)
-
-
-def take_row(x: jax.Array, i) -> jax.Array:
-    """Row i of x [n, m] as [1, m] (a masked sum: no dynamic slicing of values)."""
-    return jnp.sum(jnp.where(row_ids(x.shape) == i, x, 0.0), axis=0, keepdims=True)
-
-
-def take_col(x: jax.Array, j) -> jax.Array:
-    """Column j of x [n, m] as [n, 1]."""
-    return jnp.sum(jnp.where(col_ids(x.shape) == j, x, 0.0), axis=1, keepdims=True)
-
-
-def col_to_row(x: jax.Array) -> jax.Array:
-    """[n, 1] -> [1, n] without a transpose."""
-    n = x.shape[0]
-    return jnp.sum(jnp.where(row_ids((n, n)) == col_ids((n, n)), x, 0.0), axis=0, keepdims=True)
-
-
-def row_to_col(x: jax.Array) -> jax.Array:
-    """[1, n] -> [n, 1] without a transpose."""
-    n = x.shape[1]
-    return jnp.sum(jnp.where(row_ids((n, n)) == col_ids((n, n)), x, 0.0), axis=1, keepdims=True)
-
-
-def total(x: jax.Array) -> jax.Array:
-    """Sum of a 2D value as [1, 1] (one axis at a time, as Triton reduces)."""
-    return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
-
-
-def _dot(a: jax.Array, b: jax.Array, contract: tuple, precision: Any) -> jax.Array:
-    return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=F32)
-
-
-def mm(a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
-    """a @ b."""
-    return _dot(a, b, ((1,), (0,)), precision)
-
-
-def mm_nt(a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
-    """a @ bᵀ."""
-    return _dot(a, b, ((1,), (1,)), precision)
-
-
-def mm_tn(a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
-    """aᵀ @ b."""
-    return _dot(a, b, ((0,), (0,)), precision)
-
-
-class ScalarDecays(NamedTuple):
-    """Masked decays of one chunk for a per-head scalar gate."""
-
-    pair: jax.Array  # [C, C] decay(t <- s) for s <= t, 0 across a reset
-    query: jax.Array  # [C, 1] decay(t <- chunk start)
-    key: jax.Array  # [C, 1] decay(chunk end <- s)
-    chunk: jax.Array  # [1, 1] decay(chunk end <- chunk start)
-
-
-def scalar_decays(b: jax.Array, n: jax.Array) -> ScalarDecays:
-    """b: [C, 1] chunk-local cumsum of the log gates (zero at resets); n: [C, 1] reset counts."""
-    c = b.shape[0]
-    b_row, n_row = col_to_row(b), col_to_row(n)
-    keep = jnp.logical_and(row_ids((c, c)) >= col_ids((c, c)), n == n_row)
-    b_end, n_end = take_row(b, c - 1), take_row(n, c - 1)
-    return ScalarDecays(
-        pair=masked_exp(b - b_row, keep),
-        query=masked_exp(b, n == 0.0),
-        key=masked_exp(b_end - b, n == n_end),
-        chunk=masked_exp(b_end, n_end == 0.0),
-    )
-
-
-def last_row(value: jax.Array, rows: int) -> jax.Array:
-    """[rows, m] zeros with ``value`` [1, m] in the last row."""
-    return jnp.where(row_ids((rows, value.shape[1])) == rows - 1, value, 0.0)
-
-
-# ---------------------------------------------------------------- pallas_call plumbing
-
-
-def _compiler_params(cfg: Config, dims: int) -> Any:
-    if cfg.interpret:
+def _compiler_params(cfg: RecurrenceConfig, dims: int) -> Any:
+    """Triton or Mosaic parameters; TPU interpret mode reads the Mosaic dimension semantics too
+    (it splits the "parallel" axes over its simulated cores)."""
+    if cfg.interpret is True:
         return None
     if cfg.backend == "gpu":
-        from jax.experimental.pallas import triton as plgpu
-
         return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        semantics = ("parallel", "parallel", "arbitrary")[:dims]
-        return pltpu.CompilerParams(dimension_semantics=semantics)
+        return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")[:dims])
     return None
-
-
-def _vmem(shape: tuple[int, ...]) -> Any:
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.VMEM(shape, F32)
 
 
 class _Specs:
     """BlockSpecs of one driver. ``chunk_of(i)`` maps the grid's chunk step to a chunk index."""
 
-    def __init__(self, cfg: Config, t: int, reverse: bool):
+    def __init__(self, cfg: RecurrenceConfig, t: int, reverse: bool):
         self.loop = cfg.driver == "loop"
         self.rows = t if self.loop else cfg.chunk
         self.bv = cfg.block_v
@@ -267,13 +80,13 @@ class _Specs:
         return pl.BlockSpec((None, None, k, self.bv), lambda h, j, i: (h, self.chunk_of(i), 0, j))
 
 
-def _launch(cfg: Config, loop_kernel: Callable, grid_kernel: Callable, flags: dict, dims: tuple) -> tuple:
+def _launch(cfg: RecurrenceConfig, loop_kernel: Callable, grid_kernel: Callable, flags: dict, dims: tuple) -> tuple:
     """(kernel, grid, scratch shapes) of the configured driver; dims = (BH, V, K, N)."""
     bh, v_dim, k_dim, n = dims
     grid = (bh, v_dim // cfg.block_v)
     if cfg.driver == "loop":
         return functools.partial(loop_kernel, chunk=cfg.chunk, n_chunks=n, **flags), grid, []
-    return functools.partial(grid_kernel, **flags), (*grid, n), [_vmem((k_dim, cfg.block_v))]
+    return functools.partial(grid_kernel, **flags), (*grid, n), [pltpu.VMEM((k_dim, cfg.block_v), F32)]
 
 
 def _loop_forward_kernel(*refs, step, n_in, chunk, n_chunks, emit_output, emit_states):
@@ -290,26 +103,35 @@ def _loop_forward_kernel(*refs, step, n_in, chunk, n_chunks, emit_output, emit_s
     final_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...])
 
 
+def _carry_over_grid(scratch: Any, first_ref: Any, last_ref: Any, update: Callable) -> None:
+    """One step of the sequential grid axis 2, carrying a value in VMEM scratch: taken from
+    first_ref at the first step, replaced by update(value), written to last_ref after the last."""
+    i = pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _():
+        scratch[...] = first_ref[...]
+
+    scratch[...] = update(scratch[...])
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _():
+        last_ref[...] = scratch[...]
+
+
 def _grid_forward_kernel(*refs, step, n_in, emit_output, emit_states):
     ins, s0_ref, outs = refs[:n_in], refs[n_in], list(refs[n_in + 1 :])
     state_scratch = outs.pop()
     o_ref = outs.pop(0) if emit_output else None
     final_ref = outs.pop(0)
     states_ref = outs.pop(0) if emit_states else None
-    i = pl.program_id(2)
 
-    @pl.when(i == 0)
-    def _():
-        state_scratch[...] = s0_ref[...]
+    def update(s):
+        if states_ref is not None:
+            states_ref[...] = s
+        return step(ins, 0, s, o_ref)
 
-    s = state_scratch[...]
-    if states_ref is not None:
-        states_ref[...] = s
-    state_scratch[...] = step(ins, 0, s, o_ref)
-
-    @pl.when(i == pl.num_programs(2) - 1)
-    def _():
-        final_ref[...] = state_scratch[...]
+    _carry_over_grid(state_scratch, s0_ref, final_ref, update)
 
 
 def forward_call(
@@ -317,7 +139,7 @@ def forward_call(
     keys: Sequence[jax.Array],
     values: Sequence[jax.Array],
     s0: jax.Array,
-    cfg: Config,
+    cfg: RecurrenceConfig,
     *,
     emit_output: bool,
     emit_states: bool,
@@ -375,17 +197,8 @@ def _grid_backward_kernel(*refs, step, n_in, n_grads):
     state_ref, do_ref, d_final_ref = refs[n_in : n_in + 3]
     grad_refs = refs[n_in + 3 : n_in + 3 + n_grads]
     ds0_ref, ds_scratch = refs[-2], refs[-1]
-    i = pl.program_id(2)
-
-    @pl.when(i == 0)
-    def _():
-        ds_scratch[...] = d_final_ref[...]
-
-    ds_scratch[...] = step(ins, do_ref, grad_refs, 0, state_ref[...], ds_scratch[...])
-
-    @pl.when(i == pl.num_programs(2) - 1)
-    def _():
-        ds0_ref[...] = ds_scratch[...]
+    update = lambda ds_next: step(ins, do_ref, grad_refs, 0, state_ref[...], ds_next)
+    _carry_over_grid(ds_scratch, d_final_ref, ds0_ref, update)
 
 
 def backward_call(
@@ -395,7 +208,7 @@ def backward_call(
     states: jax.Array,
     d_out: jax.Array,
     d_final: jax.Array,
-    cfg: Config,
+    cfg: RecurrenceConfig,
     *,
     n_key_grads: int,
     name: str,
@@ -452,7 +265,7 @@ def chunked_recurrence(name: str, forward_step: Callable, backward_step: Callabl
     differentiable; the rest (reset counts) get zero cotangents.
     """
 
-    def steps(cfg: Config) -> tuple[Callable, Callable]:
+    def steps(cfg: RecurrenceConfig) -> tuple[Callable, Callable]:
         options = dict(chunk=cfg.chunk, precision=cfg.precision)
         return functools.partial(forward_step, **options), functools.partial(backward_step, **options)
 
