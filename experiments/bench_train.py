@@ -3,6 +3,8 @@
   python experiments/bench_train.py [--presets qwen3_next,transformer,gated_deltanet]
       [--sizes tiny,small] [--batch-size 8] [--seq-len 256] [--repeats 5]
       [--torch-sizes tiny] [--no-torch] [--csv experiments/bench_train.csv]
+  python experiments/bench_train.py --loop-baseline REV [--loop-steps 60] [--loop-from 10] [--loop-window 10]
+      [--presets qwen3_next] [--sizes tiny] [--batch-size 8] [--seq-len 256] [--repeats 3]
 
 Each jaxlm row is one optimizer step (forward, backward, global-norm clipping, AdamW) built as
 ``python -m jaxlm.train`` builds it: the state placed in the shardings of ``jaxlm.sharding`` on a
@@ -27,16 +29,34 @@ Timing: every case is compiled and warmed up first; then ``--repeats`` rounds ea
 of every case, in an order rotated each round, so that the shared CPU's load hits all cases
 alike. Reported: the best step (tokens/s, MFU), the median, the spread (slowest / fastest step),
 and for jaxlm against torch the range of the per-round ratios.
+
+``--loop-baseline REV`` times the whole training loop instead (``python -m jaxlm.train``: data
+packing, batch placement, the step, the metrics' read-back and logging) against the same loop
+with the files of LOOP_FILES as in git revision REV. Both are copies of this checkout's ``jaxlm``
+(and ``kernels_pallas``) taken at the start, so only the loop files differ. Each round runs one
+job of ``--loop-steps`` steps per tree, in an order rotated each round, in its own process
+(``python -m jaxlm.train``'s arguments, evaluation and checkpoint only at the last step, one
+persistent compilation cache for all jobs); the
+job's ``MetricsLog.log`` is wrapped to record when each train step is logged. Reported per job:
+the tokens/s of the steps after ``--loop-from`` (past compilation) up to the last, the steps'
+tokens over the time between their log calls, and that of the fastest ``--loop-window`` steps
+among the consecutive windows of that interval (steadier on a shared machine, as the best step
+is above). The window ends must be steps at which both loops log (multiples of
+``--log-every``), so that every interval counts whole steps in both.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +191,7 @@ def jaxlm_case(name: str, size: str, batch: dict[str, np.ndarray], seq_len: int,
         # itself is built eagerly and placed, where the trainer jits its creation: that compile
         # costs 15-30 s per case here and changes nothing in the step.
         graphdef, state = init_state(LM(config, rngs=nnx.Rngs(0)), tx)
-        shardings = TrainState(*(sharding.state_shardings(part, mesh, config.d_model) for part in state))
+        shardings = TrainState(*(sharding.state_shardings(part, mesh) for part in state))
         state = jax.device_put(state, shardings)
         train_step, _ = jit_steps(graphdef, shardings, tx, schedule, LossWeights(), grad_accum=1,
                                   use_selection_bias=config.use_selection_bias, mesh=mesh)
@@ -199,21 +219,18 @@ def hf_qwen3_next_config(config: ModelConfig) -> Any:
         raise ValueError(
             "the Hugging Face reference needs Gated DeltaNet / attention layers, all MoE with one shared expert"
         )
-    head_dim = config.head_dim or config.d_model // config.n_heads
-    k_heads = config.linear_n_heads or config.n_heads
-    k_dim = config.linear_head_dim or config.d_model // k_heads
-    d_expert = config.d_expert or config.d_ff
+    head_dim = config.resolved_head_dim
+    k_dim, v_dim = config.linear_head_dims("G")
     return Qwen3NextConfig(
         vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
         layer_types=["linear_attention" if m == "G" else "full_attention" for m, _ in kinds],
-        num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads or config.n_heads, head_dim=head_dim,
-        partial_rotary_factor=(config.rotary_dim or head_dim) / head_dim, rope_theta=config.rope_theta,
-        linear_num_key_heads=k_heads, linear_key_head_dim=k_dim,
-        linear_num_value_heads=config.linear_n_v_heads or k_heads,
-        linear_value_head_dim=config.linear_head_v_dim or k_dim,
+        num_attention_heads=config.n_heads, num_key_value_heads=config.resolved_n_kv_heads, head_dim=head_dim,
+        partial_rotary_factor=config.resolved_rotary_dim / head_dim, rope_theta=config.rope_theta,
+        linear_num_key_heads=config.resolved_linear_n_heads, linear_key_head_dim=k_dim,
+        linear_num_value_heads=config.resolved_linear_n_v_heads, linear_value_head_dim=v_dim,
         linear_conv_kernel_dim=config.conv_size, intermediate_size=config.d_ff,
-        num_experts=config.n_experts, num_experts_per_tok=config.top_k, moe_intermediate_size=d_expert,
-        shared_expert_intermediate_size=config.shared_d_ff or d_expert, norm_topk_prob=config.renormalize,
+        num_experts=config.n_experts, num_experts_per_tok=config.top_k, moe_intermediate_size=config.resolved_d_expert,
+        shared_expert_intermediate_size=config.resolved_shared_d_ff, norm_topk_prob=config.renormalize,
         decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=config.tie_embeddings,
         rms_norm_eps=config.norm_eps, output_router_logits=True, router_aux_loss_coef=LOAD_BALANCING,
         use_cache=False,
@@ -335,6 +352,107 @@ def report(cases: list[Case], batch_size: int, seq_len: int, peak: float, best_p
               f"({len(rounds)} rounds)")
 
 
+LOOP_FILES = (
+    "jaxlm/train.py", "jaxlm/training/args.py", "jaxlm/training/checkpointing.py", "jaxlm/training/loop.py",
+    "jaxlm/training/metrics.py", "jaxlm/training/step.py",
+)
+# Runs in each tree's process: the job of the arguments, printing when each train step was logged.
+_LOOP_DRIVER = """
+import json, sys, time
+from jaxlm.training import loop
+from jaxlm.training.args import parse_args
+
+logged = {}
+
+class TimedLog(loop.MetricsLog):
+    def log(self, step, values, split="train"):
+        super().log(step, values, split)
+        if split == "train":
+            logged[step] = time.perf_counter()
+
+loop.MetricsLog = TimedLog
+loop.train(parse_args(sys.argv[1:]))
+print("LOGGED " + json.dumps(logged))
+"""
+
+
+def loop_trees(root: Path, rev: str, into: Path) -> dict[str, Path]:
+    """{"baseline", "current"} -> a folder holding a copy of ``root``'s jaxlm and kernels_pallas;
+    in "baseline" the LOOP_FILES are those of git revision ``rev``."""
+    trees = {}
+    for name in ("baseline", "current"):
+        for package in ("jaxlm", "kernels_pallas"):
+            shutil.copytree(root / package, into / name / package, ignore=shutil.ignore_patterns("__pycache__"))
+        trees[name] = into / name
+    for path in LOOP_FILES:
+        text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True, capture_output=True,
+                              text=True).stdout
+        (trees["baseline"] / path).write_text(text)
+    return trees
+
+
+def loop_rates(tree: Path, train_args: list[str], out: Path, first: int, last: int, window: int,
+               tokens_per_step: int, compile_cache: Path) -> tuple[float, float]:
+    """One training job of ``tree`` in its own process: (tokens/s of steps first+1 ... last, that
+    of its fastest ``window`` steps between two multiples of ``window``). The jobs share a
+    persistent compilation cache (the step is the same program in both trees), so that a round
+    costs little more than its timed steps."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    proc = subprocess.run([sys.executable, "-c", _LOOP_DRIVER, *train_args, "--out", str(out)], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"the job of {tree} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("LOGGED "))
+    logged = {int(step): t for step, t in json.loads(line.removeprefix("LOGGED ")).items()}
+    ends = range(first + window, last + 1, window)
+    fastest = min(logged[end] - logged[end - window] for end in ends)
+    return (last - first) * tokens_per_step / (logged[last] - logged[first]), window * tokens_per_step / fastest
+
+
+def loop_main(args: argparse.Namespace, presets: list[str], sizes: list[str]) -> None:
+    """The --loop-baseline mode: interleaved rounds of whole training jobs, baseline and current."""
+    if not 1 <= args.loop_from < args.loop_steps:
+        raise SystemExit(f"--loop-from must be in [1, --loop-steps={args.loop_steps}), got {args.loop_from}")
+    if args.loop_window < 1 or (args.loop_steps - args.loop_from) % args.loop_window:
+        raise SystemExit(f"--loop-window must be >= 1 and divide --loop-steps - --loop-from, got {args.loop_window}")
+    root = Path(__file__).resolve().parents[1]
+    tokens_per_step = args.batch_size * args.seq_len
+    print(f"# Training loop: {args.loop_steps} steps of {args.batch_size} x {args.seq_len} tokens, tokens/s of steps "
+          f"{args.loop_from + 1}-{args.loop_steps}; baseline: {', '.join(LOOP_FILES)} at {args.loop_baseline}")
+    print(f"device: {cpu_name()}, {cores()} cores; jax {jax.__version__}; load average {load_average()}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = loop_trees(root, args.loop_baseline, Path(tmp))
+        names = list(trees)
+        for name in presets:
+            for size in sizes:
+                train_args = [
+                    "--preset", name, "--size", size, "--steps", str(args.loop_steps), "--batch-size",
+                    str(args.batch_size), "--seq-len", str(args.seq_len), "--checkpoint-every", str(args.loop_steps),
+                    "--eval-every", str(args.loop_steps), "--eval-batches", "1", "--sample-tokens", "1",
+                    "--keep-checkpoints", "1", "--warmup", "1",
+                ]
+                rates: dict[str, list[tuple[float, float]]] = {tree: [] for tree in names}
+                for r in range(args.repeats):
+                    order = names[r % 2:] + names[:r % 2]
+                    for tree in order:
+                        out = Path(tmp) / f"run-{name}-{size}-{tree}-{r}"
+                        rates[tree].append(loop_rates(trees[tree], train_args, out, args.loop_from, args.loop_steps,
+                                                      args.loop_window, tokens_per_step, Path(tmp) / "jax-cache"))
+                    print(f"  {name}-{size} round {r + 1}/{args.repeats} (load {load_average()}): " + ", ".join(
+                        f"{tree} {rates[tree][-1][0]:,.0f} tokens/s (best window {rates[tree][-1][1]:,.0f})"
+                        for tree in order), flush=True)
+                for i, what in enumerate(("whole interval", f"best {args.loop_window}-step window")):
+                    base, cur = ([rate[i] for rate in rates[tree]] for tree in ("baseline", "current"))
+                    ratios = [c / b for b, c in zip(base, cur)]
+                    # The order alternates, so over an even number of rounds a load that drifts
+                    # during the run favours each tree equally often: the geometric mean cancels it.
+                    print(f"{name}-{size}, {what}: baseline median {statistics.median(base):,.0f} tokens/s, "
+                          f"current median {statistics.median(cur):,.0f} tokens/s; current / baseline per round "
+                          f"{min(ratios):.3f}x to {max(ratios):.3f}x, geometric mean "
+                          f"{statistics.geometric_mean(ratios):.3f}x ({args.repeats} rounds)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated jaxlm presets")
@@ -345,6 +463,12 @@ def main() -> None:
     parser.add_argument("--torch-sizes", default="tiny", help="comma-separated qwen3_next sizes to run in transformers")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--csv", type=Path, default=Path(__file__).with_name("bench_train.csv"))
+    parser.add_argument("--loop-baseline", metavar="REV",
+                        help="time whole training jobs against the loop files of this git revision")
+    parser.add_argument("--loop-steps", type=int, default=60, help="steps of each job in --loop-baseline mode")
+    parser.add_argument("--loop-from", type=int, default=10, help="timed steps start after this one")
+    parser.add_argument("--loop-window", type=int, default=10,
+                        help="steps of the windows whose fastest is also reported (a multiple of --log-every)")
     args = parser.parse_args()
     presets = [p for p in args.presets.split(",") if p]
     sizes = [s for s in args.sizes.split(",") if s]
@@ -352,6 +476,9 @@ def main() -> None:
     for name, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--repeats", args.repeats)):
         if value < 1:
             parser.error(f"{name} must be >= 1, got {value}")
+    if args.loop_baseline:
+        loop_main(args, presets, sizes)
+        return
 
     total = time.perf_counter()
     device = jax.devices()[0]

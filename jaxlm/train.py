@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 
@@ -10,9 +11,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     initialize_distributed()  # before anything touches the devices
     from jaxlm.training.args import parse_args
-    from jaxlm.training.loop import train
+    from jaxlm.training.loop import NonFiniteLoss, train
 
-    train(parse_args(argv))
+    try:
+        train(parse_args(argv))
+    except NonFiniteLoss as err:
+        sys.exit(str(err))  # the message alone on stderr, exit status 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The training job's parts on their own: schedules, decay masks, gradient accumulation, the
-masked loss, sharding rules and mesh parsing."""
+masked loss, sharding rules, mesh parsing and the metrics' read-back."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jaxlm import sharding
 from jaxlm.models import LM, preset
 from jaxlm.training import optimizer
+from jaxlm.training.metrics import MAX_LOG_LOSS, PendingMetrics, first_non_finite, with_rates
 from jaxlm.training.step import LossWeights, init_state, make_train_step, masked_cross_entropy
 from numerics import F32_GRAD, assert_close
 
@@ -93,8 +94,10 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def test_parse_mesh_and_errors():
-    assert sharding.parse_mesh("data=2,expert=4") == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
-    assert sharding.make_mesh("expert=4").shape == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert sharding.parse_mesh("data=2,expert=4") == {"data": 2, "fsdp": 1, "expert": 4, "context": 1, "tensor": 1}
+    assert sharding.make_mesh("expert=4").shape == {"data": 2, "fsdp": 1, "expert": 4, "context": 1, "tensor": 1}
+    assert sharding.make_mesh("context=2,tensor=2").shape == {"data": 2, "fsdp": 1, "expert": 1, "context": 2,
+                                                                "tensor": 2}
     for bad in ("data=0", "model=2", "data=2,data=2", "data"):
         with pytest.raises(ValueError, match="--mesh"):
             sharding.parse_mesh(bad)
@@ -103,18 +106,20 @@ def test_parse_mesh_and_errors():
 
 
 def test_sharding_rules():
+    """The specs of the logical axes the layers give their parameters (tests/test_sharding.py
+    checks the parameters of whole models)."""
     mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
     d = 128
 
-    def spec(path, shape):
-        return sharding.partition_spec(tuple(jax.tree_util.DictKey(p) for p in path), shape, mesh, d)
+    def spec(axes, shape):
+        return sharding.partition_spec(axes, shape, mesh)
 
-    assert spec(("blocks", "ffn", "w_gate"), (8, d, 64)) == P("expert", "fsdp", "tensor")
-    assert spec(("blocks", "mixer", "q_proj", "kernel"), (d, 256)) == P("fsdp", "tensor")
-    assert spec(("blocks", "mixer", "o_proj", "kernel"), (256, d)) == P("tensor", "fsdp")
-    assert spec(("embed", "embedding"), (256, d)) == P("tensor", "fsdp")
-    assert spec(("blocks", "mixer_norm", "weight"), (d,)) == P(None)
-    assert spec(("blocks", "mixer", "a_proj", "kernel"), (d, 3)) == P("fsdp", None)  # 3 is indivisible
+    assert spec(("expert", "embed", "mlp"), (8, d, 64)) == P("expert", "fsdp", "tensor")  # w_gate
+    assert spec(("embed", "heads"), (d, 256)) == P("fsdp", "tensor")  # q_proj
+    assert spec(("heads", "embed"), (256, d)) == P("tensor", "fsdp")  # o_proj
+    assert spec(("vocab", "embed"), (256, d)) == P("tensor", "fsdp")  # embedding
+    assert spec((None,), (d,)) == P(None)  # a norm's weight
+    assert spec(("embed", "heads"), (d, 3)) == P("fsdp", None)  # a_proj of 3 heads: 3 is indivisible
 
 
 def test_remat_train_step_equals_the_plain_one():
@@ -131,3 +136,26 @@ def test_remat_train_step_equals_the_plain_one():
         results.append(step(state, batch, jnp.int32(0)))
     assert float(results[0][1]["loss"]) == pytest.approx(float(results[1][1]["loss"]), rel=1e-6)
     assert_close(results[1][0].params, results[0][0].params, F32_GRAD, "params after one SGD step")
+
+
+def test_pending_metrics_come_back_in_step_order_and_the_first_non_finite_is_found():
+    pending = PendingMetrics()
+    for step, loss in ((1, 2.0), (2, 1.5), (3, float("nan")), (4, 1.0)):
+        pending.add(step, {"loss": jnp.float32(loss), "lr": jnp.float32(step / 8)})
+    assert len(pending) == 4
+    records = pending.read()
+    assert len(pending) == 0 and pending.read() == []
+    assert [step for step, _ in records] == [1, 2, 3, 4]
+    assert records[1][1] == {"loss": 1.5, "lr": 0.25} and all(type(v) is float for v in records[1][1].values())
+    assert first_non_finite(records) == 2
+    assert first_non_finite(records[:2]) is None
+    assert first_non_finite([(7, {"loss": float("-inf")})]) == 0
+
+
+def test_rates_against_the_formulas():
+    got = with_rates({"loss": 2.0, "lr": 0.1}, seconds_per_step=0.5, tokens_per_step=1000, flops_per_step=6e9,
+                     peak_flops=1e11)
+    assert got == {"loss": 2.0, "lr": 0.1, "perplexity": pytest.approx(math.exp(2.0)), "tokens_per_second": 2000.0,
+                   "mfu": pytest.approx(6e9 / 0.5 / 1e11)}
+    huge = with_rates({"loss": 1e4}, seconds_per_step=1.0, tokens_per_step=1, flops_per_step=1.0, peak_flops=1.0)
+    assert huge["perplexity"] == pytest.approx(math.exp(MAX_LOG_LOSS))

@@ -13,10 +13,13 @@ from typing import Literal, Optional, Sequence
 import tyro
 import yaml
 
-from jaxlm.models import ModelConfig
+from jaxlm.models import FAMILIES, SIZES, ModelConfig
+from jaxlm.training.optimizer import SCHEDULES
 
-PresetName = Literal["transformer", "mamba2", "gated_deltanet", "gla", "gdn_h1", "minimax", "qwen3_next", "nemotron_h"]
-SizeName = Literal["tiny", "small", "125m", "350m", "1.3b"]
+# The CLI's choices, read from the tables that define them.
+PresetName = Literal[tuple(FAMILIES)]
+SizeName = Literal[tuple(SIZES)]
+ScheduleName = Literal[SCHEDULES]
 
 _MODEL_TYPES = typing.get_type_hints(ModelConfig)
 ModelOverrides = dataclasses.make_dataclass(
@@ -42,7 +45,7 @@ class TrainArgs:
     seq_len: int = 256
     lr: float = 3e-3
     warmup: int = 15
-    schedule: Literal["cosine", "wsd"] = "cosine"
+    schedule: ScheduleName = "cosine"
     weight_decay: float = 0.1
     clip_norm: float = 1.0
     grad_accum: int = 1
@@ -56,6 +59,9 @@ class TrainArgs:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     eval_every: int = 50
+    log_every: int = 10
+    """Read the train metrics back from the device every this many steps, and log each of them
+    (also at every evaluation and checkpoint); 1 makes the host wait for every step."""
     eval_batches: int = 4
     seed: int = 0
     data: str = "default"
@@ -63,7 +69,7 @@ class TrainArgs:
     tokenizer: Optional[str] = None
     """byte | bpe:N | path/to/tokenizer.json; default byte (ids for mqar)."""
     mesh: Optional[str] = None
-    """Device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor); default all data."""
+    """Device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, context, tensor); default all data."""
     load_balancing: float = 0.01
     """MoE load-balancing loss coefficient."""
     router_z: float = 0.001

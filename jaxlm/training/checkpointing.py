@@ -1,6 +1,7 @@
 """Checkpoints of a run: Orbax's CheckpointManager (async, keeping the last N) under
 ``<run>/checkpoints/<step>/``, holding the train state (parameters, other variables, optimizer
-state) and a JSON record of the step, the data iterator's position and the RNG key.
+state) and a JSON record of the step and the data iterator's position. Nothing in a train step
+draws random numbers, so no RNG key is saved.
 
 A run folder also holds ``config.json`` (the model config, the tokenizer spec and the train
 arguments), from which ``load_trained_model`` rebuilds the model for generation.
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -38,10 +39,10 @@ def manager(run_dir: Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state: TrainState, data_state: dict, rng: jax.Array,
-         force: bool = False) -> None:
-    """Starts an async save of the state at ``step`` (the number of steps taken)."""
-    meta = {"step": step, "data": data_state, "rng": np.asarray(jax.random.key_data(rng)).tolist()}
+def save(mgr: ocp.CheckpointManager, step: int, state: TrainState, data_state: dict, force: bool = False) -> None:
+    """Starts an async save of the state at ``step`` (the number of steps taken) and of
+    ``data_state``, the data iterator's position after that step's batch."""
+    meta = {"step": step, "data": data_state}
     mgr.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -49,8 +50,8 @@ def save(mgr: ocp.CheckpointManager, step: int, state: TrainState, data_state: d
     )
 
 
-def restore_latest(mgr: ocp.CheckpointManager, abstract_state: TrainState) -> tuple[TrainState, dict, jax.Array] | None:
-    """(state, data iterator state, rng) of the latest checkpoint, placed like ``abstract_state``
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state: TrainState) -> tuple[TrainState, dict] | None:
+    """(state, {"step", "data"}) of the latest checkpoint, the state placed like ``abstract_state``
     (a pytree of jax.ShapeDtypeStruct with shardings); None when there is none."""
     step = mgr.latest_step()
     if step is None:
@@ -60,8 +61,7 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: TrainState) -> tu
         args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
     )
     meta = restored["meta"]
-    rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
-    return TrainState(*restored["state"]), {"step": meta["step"], "data": meta["data"]}, rng
+    return TrainState(*restored["state"]), {"step": meta["step"], "data": meta["data"]}
 
 
 def save_pretrained_model(model: LM, tokenizer_spec: str, out_dir: str | Path) -> Path:

@@ -1,13 +1,18 @@
 """The training loop, top to bottom: data, model, optimizer, restore, steps, evaluation,
-checkpoints, and the closing sample. ``python -m jaxlm.train`` parses TrainArgs and calls ``train``."""
+checkpoints, and the closing sample. ``python -m jaxlm.train`` parses TrainArgs and calls ``train``.
+
+The host never waits for a step it has just dispatched: it packs and places the next batch while
+the step runs, and reads the metrics back every ``--log-every`` steps (and before every
+evaluation and checkpoint, so that nothing is saved past a non-finite loss).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -23,13 +28,13 @@ from jaxlm.models import LM, ModelConfig, count_params, preset
 from jaxlm.models.flops import flops_per_token
 from jaxlm.training import checkpointing, optimizer
 from jaxlm.training.args import TrainArgs
-from jaxlm.training.metrics import MetricsLog, plot_loss
+from jaxlm.training.metrics import MAX_LOG_LOSS, MetricsLog, PendingMetrics, first_non_finite, plot_loss, with_rates
 from jaxlm.training.peak import peak_flops_per_second
 from jaxlm.training.step import LossWeights, TrainState, init_state, jit_steps
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A train loss was NaN or infinite; the message names the step and the last checkpoint."""
 
 
 class _StopSignal:
@@ -51,7 +56,7 @@ class _StopSignal:
 
 
 def _check_args(args: TrainArgs, mesh) -> None:
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every",
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every",
                  "eval_batches", "keep_checkpoints", "sample_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -107,7 +112,7 @@ def _abstract_state(config: ModelConfig, args: TrainArgs, tx, mesh):
     nothing is allocated until the state is restored or created."""
     abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(args.seed)))
     graphdef, abstract_state = init_state(abstract, tx)
-    shardings = TrainState(*(sharding.state_shardings(part, mesh, config.d_model) for part in abstract_state))
+    shardings = TrainState(*(sharding.state_shardings(part, mesh) for part in abstract_state))
     return abstract, graphdef, abstract_state, shardings
 
 
@@ -127,9 +132,10 @@ def _fresh_state(config: ModelConfig, args: TrainArgs, tx, shardings: TrainState
 
 
 def _evaluate(evaluate, state, batches, mesh) -> float:
+    """The mean validation loss per supervised token; the batches' sums come back in one transfer."""
+    sums = jax.device_get([evaluate(state, _device_batch(batch, mesh)) for batch in batches])
     nll, count = 0.0, 0.0
-    for batch in batches:
-        n, c = evaluate(state, _device_batch(batch, mesh))
+    for n, c in sums:
         nll, count = nll + float(n), count + float(c)
     return nll / max(count, 1.0)
 
@@ -151,7 +157,10 @@ def _write_sample(run_dir: Path, graphdef, state: TrainState, tokenizer, args: T
 
 
 def train(args: TrainArgs) -> Path:
-    """Runs (or resumes) the job of ``args``; returns the run folder."""
+    """Runs (or resumes) the job of ``args``; returns the run folder (also after a SIGTERM or
+    SIGINT, which saves the step it arrives at). Raises NonFiniteLoss when a train loss is NaN or
+    infinite (no checkpoint of that step or later is written) and ValueError for bad arguments;
+    the checkpoint manager, metrics files, progress bar and signal handlers are closed either way."""
     mesh = sharding.make_mesh(args.mesh)
     _check_args(args, mesh)
     lead = jax.process_index() == 0
@@ -175,22 +184,26 @@ def train(args: TrainArgs) -> Path:
     schedule = optimizer.learning_rate_schedule(args.lr, args.warmup, args.steps, args.schedule)
     tx = optimizer.adamw(schedule, weight_decay=args.weight_decay, clip_norm=args.clip_norm)
     weights = LossWeights(args.load_balancing, args.router_z, args.selection_bias_rate)
-    mgr = checkpointing.manager(run_dir, args.keep_checkpoints)
     peak, peak_source = peak_flops_per_second(dtype=args.dtype)  # outside the mesh: it probes one device
-    log = MetricsLog(run_dir, enabled=lead)
-    with jax.set_mesh(mesh), _StopSignal() as stop:
+    # Everything entered here is closed in reverse order however train() ends: the progress bar,
+    # the signal handlers, the metrics files and TensorBoard writer, and the checkpoint manager
+    # (whose close waits for the saves in flight).
+    with contextlib.ExitStack() as cleanup:
+        mgr = cleanup.enter_context(contextlib.closing(checkpointing.manager(run_dir, args.keep_checkpoints)))
+        log = cleanup.enter_context(MetricsLog(run_dir, enabled=lead))
+        stop = cleanup.enter_context(_StopSignal())
+        cleanup.enter_context(jax.set_mesh(mesh))
         abstract_model, graphdef, abstract_state, shardings = _abstract_state(config, args, tx, mesh)
         train_step, evaluate = jit_steps(
             graphdef, shardings, tx, schedule, weights, grad_accum=args.grad_accum,
             use_selection_bias=config.use_selection_bias, mesh=mesh,
         )
-        rng = jax.random.key(args.seed)
         start = 0
         restored = checkpointing.restore_latest(mgr, checkpointing.abstract_like(abstract_state, shardings))
         if restored is None:
             state = _fresh_state(config, args, tx, shardings)
         else:
-            state, meta, rng = restored
+            state, meta = restored
             start = meta["step"]
             stream.restore(meta["data"])
             if lead:
@@ -198,57 +211,51 @@ def train(args: TrainArgs) -> Path:
 
         n_params = count_params(abstract_model)
         tokens_per_step = args.batch_size * args.seq_len
-        flops_step = flops_per_token(config, args.seq_len) * tokens_per_step
-        peak_total = peak * jax.device_count()
+        flops_per_step = flops_per_token(config, args.seq_len) * tokens_per_step
+        rates = dict(tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
+                     peak_flops=peak * jax.device_count())
         if lead:
             tqdm.write(
                 f"{args.preset}-{args.size}: {n_params / 1e6:.1f}M parameters, {config.n_layers} layers "
                 f"{''.join(m for m, _ in config.layer_kinds())}, {jax.device_count()} device(s) {dict(mesh.shape)}, "
                 f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_source})"
             )
-        bar = tqdm(total=args.steps, initial=start, desc="train", disable=not lead, dynamic_ncols=True)
-        step, last = start, time.perf_counter()
-        try:
-            while step < args.steps:
-                batch = _device_batch(next(stream), mesh)
-                state, metrics = train_step(state, batch, jnp.int32(step))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                step += 1
-                now = time.perf_counter()
-                elapsed, last = now - last, now
-                if not math.isfinite(metrics["loss"]):
-                    raise NonFiniteLoss(
-                        f"non-finite loss {metrics['loss']} at step {step}; stopping. The last good checkpoint "
-                        f"is step {mgr.latest_step()} in {run_dir / 'checkpoints'}"
-                    )
-                metrics.update(
-                    perplexity=math.exp(min(metrics["loss"], 50.0)), tokens_per_second=tokens_per_step / elapsed,
-                    mfu=flops_step / elapsed / peak_total,
-                )
-                log.log(step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}",
-                                mfu=f"{metrics['mfu']:.1%}")
-                bar.update(1)
-                if step % args.eval_every == 0 or step == args.steps:
-                    val = _evaluate(evaluate, state, val_batches, mesh)
-                    log.log(step, {"loss": val, "perplexity": math.exp(min(val, 50.0))}, split="validation")
-                    if lead:
-                        tqdm.write(f"step {step}: validation loss {val:.4f}")
-                    last = time.perf_counter()
-                if step % args.checkpoint_every == 0 or step == args.steps or stop.received:
-                    checkpointing.save(mgr, step, state, stream.state(), rng)
-                if stop.received:
-                    mgr.wait_until_finished()
-                    tqdm.write(f"{stop.received}: saved step {step} to {run_dir / 'checkpoints'}; rerun to resume")
-                    return run_dir
-        except NonFiniteLoss as err:
-            mgr.wait_until_finished()
-            bar.close()
-            log.close()
-            sys.exit(str(err))
+        bar = cleanup.enter_context(
+            tqdm(total=args.steps, initial=start, desc="train", disable=not lead, dynamic_ncols=True)
+        )
+        pending = PendingMetrics()
+        step = start
+        batch = _device_batch(next(stream), mesh) if step < args.steps else None
+        window_start = time.perf_counter()
+        while step < args.steps:
+            state, metrics = train_step(state, batch, jnp.int32(step))  # dispatched; runs while the host goes on
+            step += 1
+            pending.add(step, metrics)
+            bar.update(1)
+            data_position = stream.state()  # after this step's batch: what a checkpoint of `step` records
+            if step < args.steps:
+                batch = _device_batch(next(stream), mesh)  # packed and placed while the step runs
+            stopping = stop.received  # read once: a signal between two reads must not skip the save
+            evaluate_now = step % args.eval_every == 0 or step == args.steps
+            save_now = step % args.checkpoint_every == 0 or step == args.steps or stopping
+            if not (step % args.log_every == 0 or evaluate_now or save_now):
+                continue
+            records = pending.read()  # waits for the steps of the window
+            seconds_per_step = (time.perf_counter() - window_start) / len(records)
+            _log_steps(records, seconds_per_step, rates, log, bar, mgr, run_dir)
+            if evaluate_now:
+                val = _evaluate(evaluate, state, val_batches, mesh)
+                log.log(step, {"loss": val, "perplexity": math.exp(min(val, MAX_LOG_LOSS))}, split="validation")
+                if lead:
+                    tqdm.write(f"step {step}: validation loss {val:.4f}")
+            if save_now:
+                checkpointing.save(mgr, step, state, data_position)
+            if stopping:
+                mgr.wait_until_finished()
+                tqdm.write(f"{stopping}: saved step {step} to {run_dir / 'checkpoints'}; rerun to resume")
+                return run_dir
+            window_start = time.perf_counter()  # evaluation and saving are not train throughput
         bar.close()
-        mgr.wait_until_finished()
-        log.close()
         if lead:
             plot_loss(run_dir)
         sample = _write_sample(run_dir, graphdef, state, tokenizer, args, lead)
@@ -256,6 +263,27 @@ def train(args: TrainArgs) -> Path:
         print(f"\n--- sample ---\n{sample}\n--------------")
         print(f"wrote {run_dir}/: config.json, metrics.jsonl, tensorboard/, checkpoints/, loss.png, sample.txt")
     return run_dir
+
+
+def _log_steps(records: list[tuple[int, dict[str, float]]], seconds_per_step: float, rates: dict, log: MetricsLog,
+               bar: tqdm, mgr, run_dir: Path) -> None:
+    """Logs a window of read-back train metrics, each step with the window's mean step time;
+    raises NonFiniteLoss at the first non-finite loss, after logging the finite steps before it."""
+    bad = first_non_finite(records)
+    logged = None
+    for step, values in records[:bad]:
+        logged = with_rates(values, seconds_per_step=seconds_per_step, **rates)
+        log.log(step, logged)
+    if logged is not None:
+        bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{logged['tokens_per_second']:.0f}",
+                        mfu=f"{logged['mfu']:.1%}")
+    if bad is not None:
+        step, values = records[bad]
+        last = mgr.latest_step()
+        saved = "No checkpoint was written" if last is None else f"The last good checkpoint is step {last}"
+        raise NonFiniteLoss(
+            f"non-finite loss {values['loss']} at step {step}; stopping. {saved} in {run_dir / 'checkpoints'}"
+        )
 
 
 def _jsonable(args: TrainArgs) -> dict:
