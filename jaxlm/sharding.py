@@ -1,37 +1,31 @@
 """Device mesh, logical-axis sharding rules for parameters and batches, and multi-host start-up.
 
-The mesh has four named axes:
-  data    batch rows; parameters replicated
-  fsdp    batch rows too, and parameters sharded over their model-width axis (ZeRO-3 style)
-  expert  MoE experts (the MoE layer runs them with shard_map and all-to-all over this axis)
-  tensor  the hidden, head and vocabulary axes of the matmuls (Megatron style, through GSPMD)
-
-Every parameter axis gets a logical name from its size and role (``logical_axes``), and
-``RULES`` maps logical names to mesh axes. An axis whose size the mesh axis does not divide
-stays replicated, so any preset runs on any mesh.
+The mesh has the named axes of ``jaxlm.axis_names.MESH_AXES``: data, fsdp, expert, context and
+tensor (what each splits: see that module). Every parameter carries the logical names of its
+axes as nnx metadata, given where the layer creates it (``jaxlm.layers.initializers``), and
+``RULES`` maps logical names to mesh axes. An axis whose size the mesh axis does not divide stays
+replicated, so any preset runs on any mesh.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from jaxlm.axis_names import BATCH_AXES, DATA, EMBED, EXPERT, FSDP, HEADS, MESH_AXES, METADATA_KEY, MLP, TENSOR, VOCAB
 
-# logical axis -> mesh axis
-RULES = {"embed": "fsdp", "hidden": "tensor", "vocab": "tensor", "expert": "expert"}
-
-# Parameter names (the last path entry, or its parent for nnx.Linear's "kernel") whose leading
-# axis counts experts.
-EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+# logical axis -> mesh axis. No parameter maps to ``context``: it splits activations only.
+RULES = {VOCAB: TENSOR, EMBED: FSDP, HEADS: TENSOR, MLP: TENSOR, EXPERT: EXPERT}
 
 
 def parse_mesh(spec: str | None) -> dict[str, int]:
-    """'data=2,expert=4' -> {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}; None or '' -> all 1."""
+    """'data=2,expert=4' -> {'data': 2, 'fsdp': 1, 'expert': 4, 'context': 1, 'tensor': 1};
+    None or '' -> all 1."""
     sizes = dict.fromkeys(MESH_AXES, 1)
     given: set[str] = set()
     for part in filter(None, (spec or "").replace(" ", "").split(",")):
@@ -52,8 +46,8 @@ def make_mesh(spec: str | None, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     sizes = parse_mesh(spec)
     product = int(np.prod(list(sizes.values())))
-    if "data=" not in (spec or "").replace(" ", "") and len(devices) % product == 0:
-        sizes["data"] *= len(devices) // product
+    if f"{DATA}=" not in (spec or "").replace(" ", "") and len(devices) % product == 0:
+        sizes[DATA] *= len(devices) // product
         product = len(devices)
     if product != len(devices):
         raise ValueError(f"--mesh {spec!r} gives {sizes} = {product} devices, but there are {len(devices)}")
@@ -68,48 +62,49 @@ def path_names(path: tuple) -> list[str]:
     return [n for n in names if n != "value"]
 
 
-def logical_axes(path: tuple, shape: tuple[int, ...], d_model: int) -> tuple[str | None, ...]:
-    """Logical names of a parameter's axes: 'expert' for the expert axis of MoE weights,
-    'embed' for an axis of size d_model, 'vocab' for the embedding's vocabulary axis, 'hidden'
-    for the other axis of a matrix; vectors and small tensors stay unnamed (replicated)."""
-    names = path_names(path)
-    if len(shape) < 2:
-        return (None,) * len(shape)
-    axes: list[str | None] = []
-    for i, size in enumerate(shape):
-        if i == 0 and len(shape) == 3 and names[-1] in EXPERT_WEIGHTS:
-            axes.append("expert")
-        elif "embedding" in names[-1:] and i == 0:
-            axes.append("vocab")
-        elif size == d_model:
-            axes.append("embed")
-        else:
-            axes.append("hidden")
-    # One mesh axis may shard only one tensor axis: keep the first 'embed' (square matrices).
-    if axes.count("embed") > 1:
-        first = axes.index("embed")
-        axes = [a if a != "embed" or i == first else "hidden" for i, a in enumerate(axes)]
-    if axes.count("hidden") > 1:
-        first = axes.index("hidden")
-        axes = [a if a != "hidden" or i == first else None for i, a in enumerate(axes)]
-    return tuple(axes)
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
+    """The logical names of a variable's axes from its metadata; all None (replicated) for a
+    variable created without them."""
+    ndim = len(np.shape(variable.get_value()))
+    axes = tuple(variable.get_metadata().get(METADATA_KEY, (None,) * ndim))
+    if len(axes) != ndim or any(a is not None and a not in RULES for a in axes):
+        raise ValueError(f"{METADATA_KEY} must give each of {ndim} axes a name of {list(RULES)} or None, got {axes!r}")
+    return axes
 
 
-def partition_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh, d_model: int) -> P:
-    """The PartitionSpec of one parameter under RULES; indivisible axes stay replicated."""
-    spec = []
-    for name, size in zip(logical_axes(path, shape, d_model), shape):
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """The PartitionSpec of an array whose axes have the logical names ``axes``, under RULES.
+
+    An axis stays replicated when its mesh axis is absent from the mesh, has size 1, does not
+    divide the axis, or already shards an earlier axis of the same array."""
+    sizes = dict(mesh.shape)
+    spec: list[str | None] = []
+    for name, size in zip(axes, shape, strict=True):
         axis = RULES.get(name) if name else None
-        spec.append(axis if axis and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0 else None)
+        usable = axis is not None and sizes.get(axis, 1) > 1 and size % sizes[axis] == 0 and axis not in spec
+        spec.append(axis if usable else None)
     return P(*spec)
 
 
-def state_shardings(state, mesh: Mesh, d_model: int):
-    """NamedShardings for a pytree of arrays (an nnx.State of parameters or an optimizer state
-    that mirrors it): parameter-shaped leaves by RULES, the rest replicated."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, partition_spec(path, np.shape(x), mesh, d_model)), state
-    )
+def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """Where a variable lives on ``mesh``: its logical axes under RULES (see partition_spec)."""
+    return NamedSharding(mesh, partition_spec(logical_axes(variable), np.shape(variable.get_value()), mesh))
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedShardings for a pytree of nnx variables and arrays (an nnx.State of parameters, or an
+    optimizer state whose moments mirror it): each variable by its logical axes under RULES,
+    every other leaf replicated. Variables keep their place, holding their NamedSharding."""
+
+    def shard(path, x):
+        if not isinstance(x, nnx.Variable):
+            return NamedSharding(mesh, P())
+        try:
+            return x.replace(variable_sharding(x, mesh))
+        except ValueError as e:
+            raise ValueError(f"{'.'.join(path_names(path))}: {e}") from None
+
+    return jax.tree_util.tree_map_with_path(shard, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -118,7 +113,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def batch_shards(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def global_batch(local_rows, mesh: Mesh):

@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 
 from jaxlm.generate import generate, left_pad
-from jaxlm.layers import KVCache, RecurrentCache
+from jaxlm.layers import RecurrentCache
+from jaxlm.ops import KVCache
 from jaxlm.models import LM, ModelConfig, count_params
 from jaxlm.models.presets import FAMILIES, SIZES, TARGET_PARAMS, preset
 from jaxlm.sampling import next_token, truncate_logits
@@ -195,11 +196,59 @@ def test_moe_aux_and_selection_bias():
     n_moe = sum(f == "E" for _, f in model.config.layer_kinds())
     assert out.aux["expert_counts"].shape == (n_moe, model.config.n_experts)
     assert int(out.aux["expert_counts"].sum()) == n_moe * B * T * model.config.top_k
-    assert float(out.aux["load_balancing_loss"]) >= 1.0 - 1e-6  # E·Σ f·P >= 1, equality when uniform
     model.update_selection_bias(out.aux["expert_counts"], 0.1)
     bias = model.blocks[0].ffn.selection_bias[...]
     counts = np.asarray(out.aux["expert_counts"][0], np.float64)
     np.testing.assert_allclose(np.asarray(bias), 0.1 * np.sign(counts.mean() - counts), atol=1e-7)
+
+
+def _numpy_load_balancing(logits: np.ndarray, experts: np.ndarray, num_experts: int) -> float:
+    """E·Σ_i f_i·P_i: f_i the share of the [N, k] assignments on expert i, P_i the mean over the
+    N tokens of expert i's softmax probability."""
+    f = np.bincount(experts.ravel(), minlength=num_experts) / experts.size
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return num_experts * float(np.sum(f * p.mean(0)))
+
+
+def test_load_balancing_loss_is_the_switch_formula_over_the_layers(monkeypatch):
+    """aux's load_balancing_loss is the mean over the MoE layers of E·Σ f_i·P_i, computed here in
+    numpy from the router logits and choices each layer made; it is exactly 1 when every router
+    probability is uniform (1/E), whatever the choices."""
+    from jaxlm.ops.moe import balancing
+
+    seen = []
+    original = balancing.load_balancing_loss
+
+    def recording(logits, experts):
+        seen.append((np.asarray(logits, np.float64), np.asarray(experts)))
+        return original(logits, experts)
+
+    monkeypatch.setattr(balancing, "load_balancing_loss", recording)
+    model = LM(preset("minimax", n_layers=2), rngs=nnx.Rngs(0))
+    n_experts = model.config.n_experts
+    out = model(jnp.asarray(tokens()))  # eager, so that the recorded arrays are concrete
+    assert len(seen) == 2
+    expected = np.mean([_numpy_load_balancing(z, e, n_experts) for z, e in seen])
+    assert float(out.aux["load_balancing_loss"]) == pytest.approx(expected, rel=1e-6)
+
+    for block in model.blocks:
+        block.ffn.router.kernel[...] = jnp.zeros_like(block.ffn.router.kernel[...])
+    assert float(model(jnp.asarray(tokens())).aux["load_balancing_loss"]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_load_balancing_loss_can_be_below_one():
+    """Not a bound: with 2 experts and top-1, two tokens narrowly choosing expert 1 and one
+    confidently choosing expert 0 give f = (1/3, 2/3) against P ≈ (0.65, 0.35), E·Σ f·P ≈ 0.90."""
+    from jaxlm.ops import moe as moe_ops
+
+    logits = np.array([[0.0, 0.1], [0.0, 0.1], [5.0, 0.0]], np.float32)
+    experts = moe_ops.route(jnp.asarray(logits), 1).experts
+    np.testing.assert_array_equal(np.asarray(experts)[:, 0], [1, 1, 0])
+    expected = _numpy_load_balancing(logits.astype(np.float64), np.array([[1], [1], [0]]), 2)
+    got = float(moe_ops.load_balancing_loss(jnp.asarray(logits), experts))
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got < 0.95
 
 
 def test_remat_gives_the_same_gradients():

@@ -5,10 +5,11 @@ A checkpoint folder holds ``config.json`` and ``model.safetensors`` (or shards l
 ``architectures[0]`` picks the mapping (``SUPPORTED``); an architecture or option jaxlm cannot
 express exactly raises ValueError naming it and listing what is supported.
 
-Parameter placement (``mesh``): every parameter is replicated over the mesh, except the MoE
-expert weights ``w_gate``, ``w_up`` and ``w_down`` [E, ...], whose expert axis is split over the
-mesh axis ``expert`` when the mesh has one and its size divides E (what the expert-parallel
-MoE path expects). Without a mesh, parameters land on the default device.
+Parameter placement (``mesh``): each parameter is placed as the trainer places it, by the
+logical axes it was created with under ``jaxlm.sharding.RULES`` (the MoE experts' leading axis
+over the mesh axis ``expert``, what the expert-parallel path expects; widths over ``fsdp`` and
+``tensor``); a mesh axis the mesh lacks, or whose size does not divide the parameter's axis,
+leaves that axis replicated. Without a mesh, parameters land on the default device.
 """
 
 from __future__ import annotations

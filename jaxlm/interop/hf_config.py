@@ -86,18 +86,13 @@ def rope(hf: dict, arch: str, head_dim: int, partial: bool = False) -> dict:
 
 def rope_fields(config: ModelConfig) -> dict:
     """The inverse of ``rope``: both the transformers 5 and the legacy spelling."""
-    head_dim = head_dim_of(config)
-    factor = 1.0 if config.rotary_dim is None else config.rotary_dim / head_dim
+    factor = config.resolved_rotary_dim / config.resolved_head_dim
     params = {"rope_type": "default", "rope_theta": config.rope_theta}
     extra = {}
     if factor != 1.0:
         params["partial_rotary_factor"] = factor
         extra["partial_rotary_factor"] = factor
     return {"rope_parameters": params, "rope_theta": config.rope_theta, **extra}
-
-
-def head_dim_of(config: ModelConfig) -> int:
-    return config.head_dim or config.d_model // config.n_heads
 
 
 def attention_fields(hf: dict, arch: str, partial_rotary: bool = False) -> dict:
@@ -142,8 +137,8 @@ def common_hf_fields(config: ModelConfig, arch: str, model_type: str, eps_key: s
 def attention_hf_fields(config: ModelConfig) -> dict:
     return {
         "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads or config.n_heads,
-        "head_dim": head_dim_of(config),
+        "num_key_value_heads": config.resolved_n_kv_heads,
+        "head_dim": config.resolved_head_dim,
         "hidden_act": "silu",
         "attention_bias": False,
         **rope_fields(config),

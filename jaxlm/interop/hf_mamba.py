@@ -45,14 +45,10 @@ def mamba_fields(hf: dict, arch: str, *, heads_key: str, head_dim_key: str, stat
     )
 
 
-def mamba_heads(config: ModelConfig) -> int:
-    return config.mamba_n_heads or config.mamba_expand * config.d_model // config.mamba_head_dim
-
-
 def mamba_hf_fields(config: ModelConfig) -> dict:
     return {
         "state_size": config.mamba_d_state, "expand": config.mamba_expand, "head_dim": config.mamba_head_dim,
-        "num_heads": mamba_heads(config), "n_groups": config.mamba_n_groups,
+        "num_heads": config.resolved_mamba_n_heads, "n_groups": config.mamba_n_groups,
         "conv_kernel": config.conv_size, "use_conv_bias": config.mamba_conv_bias, "use_bias": False,
     }
 
@@ -83,9 +79,9 @@ def to_config(hf: dict) -> ModelConfig:
 def from_config(config: ModelConfig) -> dict:
     need(all(k == ("M", "-") for k in config.layer_kinds()), ARCH, "a Mamba-2 mixer alone in every layer")
     need_plain_blocks(config, ARCH)
-    need((config.mamba_norm_groups or config.mamba_n_groups) == config.mamba_n_groups, ARCH,
+    need(config.resolved_mamba_norm_groups == config.mamba_n_groups, ARCH,
          "the gated norm per B/C group (mamba_norm_groups = mamba_n_groups)")
-    need(mamba_heads(config) * config.mamba_head_dim == config.mamba_expand * config.d_model, ARCH,
+    need(config.mamba_d_inner == config.mamba_expand * config.d_model, ARCH,
          "d_inner = expand · d_model")
     return {
         **common_hf_fields(config, ARCH, "mamba2", "layer_norm_epsilon"), **mamba_hf_fields(config),

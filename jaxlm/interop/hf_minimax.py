@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from jaxlm.interop.hf_config import (
     Architecture, attention_fields, attention_hf_fields, attention_rules, check_int, common_fields, common_hf_fields,
-    embedding_rules, expert_rules, head_dim_of, need, periodic, unsupported,
+    embedding_rules, expert_rules, need, periodic, unsupported,
 )
 from jaxlm.interop.hf_tensors import Rule, grouped_rows, linear, same
 from jaxlm.models import ModelConfig
@@ -60,13 +60,13 @@ def from_config(config: ModelConfig) -> dict:
     mixers = {m for m, _ in kinds}
     need(mixers <= {"L", "A", "W"} and not {"A", "W"} <= mixers and all(f == "E" for _, f in kinds), ARCH,
          "Lightning or (all full, or all sliding-window) attention, then experts, in every layer")
-    need(config.residual_from_norm and (config.lightning_norm_eps or config.norm_eps) == LIGHTNING_NORM_EPS, ARCH,
+    need(config.residual_from_norm and config.resolved_lightning_norm_eps == LIGHTNING_NORM_EPS, ARCH,
          f"post-norm residuals and Lightning norm eps {LIGHTNING_NORM_EPS}")
-    need((config.linear_n_heads or config.n_heads) == config.n_heads
-         and (config.linear_head_dim or config.d_model // config.n_heads) == head_dim_of(config), ARCH,
+    need(config.resolved_linear_n_heads == config.n_heads
+         and config.linear_head_dims("L")[0] == config.resolved_head_dim, ARCH,
          "Lightning heads equal to the attention heads")
     need(not config.qk_norm and not config.attention_output_gate and not config.zero_centered_norm
-         and config.rotary_dim in (None, head_dim_of(config)), ARCH, "plain attention with full RoPE")
+         and config.resolved_rotary_dim == config.resolved_head_dim, ARCH, "plain attention with full RoPE")
     need(config.n_shared_experts == 0 and not config.use_selection_bias and config.capacity_factor is None
          and config.mlp_activation == "swiglu" and config.routed_scale == 1.0
          and (config.router, config.renormalize) in MIXTRAL_ROUTERS,
@@ -76,13 +76,13 @@ def from_config(config: ModelConfig) -> dict:
     return {
         **common_hf_fields(config, ARCH, "minimax"), **attention_hf_fields(config), **factors,
         "layer_types": ["linear_attention" if m == "L" else "full_attention" for m, _ in kinds],
-        "sliding_window": config.window if "W" in mixers else None, "intermediate_size": config.d_expert or config.d_ff,
+        "sliding_window": config.window if "W" in mixers else None, "intermediate_size": config.resolved_d_expert,
         "num_local_experts": config.n_experts, "num_experts_per_tok": config.top_k,
     }
 
 
 def _lightning_rules(hf: str, jx: str, config: ModelConfig) -> list[Rule]:
-    k = head_dim_of(config)
+    k = config.resolved_head_dim
     return [
         grouped_rows(f"{hf}.qkv_proj.weight", [f"{jx}.{p}.kernel" for p in ("q_proj", "k_proj", "v_proj")],
                      config.n_heads, [k, k, k]),

@@ -13,8 +13,8 @@ Mamba-2 gated norm is per group (mamba_ssm's), unlike Mamba2ForCausalLM's.
 from __future__ import annotations
 
 from jaxlm.interop.hf_config import (
-    Architecture, common_fields, common_hf_fields, embedding_rules, expect, head_dim_of, need, need_plain_blocks,
-    periodic, unsupported,
+    Architecture, common_fields, common_hf_fields, embedding_rules, expect, need, need_plain_blocks, periodic,
+    unsupported,
 )
 from jaxlm.interop.hf_mamba import mamba_fields, mamba_hf_fields, mixer_rules
 from jaxlm.interop.hf_tensors import Rule, linear, same, stacked_linear
@@ -89,13 +89,13 @@ def from_config(config: ModelConfig) -> dict:
     need(config.mlp_activation == "relu2" and config.rotary_dim == 0 and not config.qk_norm
          and not config.attention_output_gate and not config.zero_centered_norm, ARCH,
          "relu2 feed-forwards and attention without RoPE, QK norm or output gate")
-    need((config.mamba_norm_groups or config.mamba_n_groups) == config.mamba_n_groups, ARCH,
+    need(config.resolved_mamba_norm_groups == config.mamba_n_groups, ARCH,
          "the gated norm per B/C group")
     need_plain_blocks(config, ARCH, activation="relu2")
     hf = {
         **common_hf_fields(config, ARCH, "nemotron_h", "layer_norm_epsilon"),
         "layers_block_type": [names[k] for k in kinds], "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads or config.n_heads, "head_dim": head_dim_of(config),
+        "num_key_value_heads": config.resolved_n_kv_heads, "head_dim": config.resolved_head_dim,
         "attention_bias": False, "intermediate_size": config.d_ff, "mlp_hidden_act": "relu2", "mlp_bias": False,
         "mamba_hidden_act": "silu", "residual_in_fp32": False,
         **{MAMBA_KEYS.get(k, k): v for k, v in mamba_hf_fields(config).items()},
@@ -104,8 +104,8 @@ def from_config(config: ModelConfig) -> dict:
         need(config.router == "sigmoid" and config.use_selection_bias and config.n_shared_experts == 1
              and config.capacity_factor is None, ARCH, "sigmoid routing with a selection bias and one shared expert")
         hf.update(n_routed_experts=config.n_experts, num_experts_per_tok=config.top_k,
-                  moe_intermediate_size=config.d_expert or config.d_ff,
-                  moe_shared_expert_intermediate_size=config.shared_d_ff or config.d_expert or config.d_ff,
+                  moe_intermediate_size=config.resolved_d_expert,
+                  moe_shared_expert_intermediate_size=config.resolved_shared_d_ff,
                   n_shared_experts=1, norm_topk_prob=config.renormalize, routed_scaling_factor=config.routed_scale,
                   n_group=1, topk_group=1, moe_latent_size=None)
     return hf

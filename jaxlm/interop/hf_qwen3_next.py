@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from jaxlm.interop.hf_config import (
     Architecture, attention_fields, attention_hf_fields, check_int, common_fields, common_hf_fields,
-    embedding_rules, expert_rules, head_dim_of, mlp_rules, moe_pattern, need, need_plain_blocks, num_experts, periodic,
-    unsupported,
+    embedding_rules, expert_rules, mlp_rules, moe_pattern, need, need_plain_blocks, num_experts, periodic, unsupported,
 )
 from jaxlm.interop.hf_tensors import Rule, conv, grouped_rows, linear, same
 from jaxlm.models import ModelConfig
@@ -69,20 +68,18 @@ def from_config(config: ModelConfig) -> dict:
         need(config.n_shared_experts == 1 and config.shared_expert_gate and config.router == "softmax_topk"
              and not config.use_selection_bias and config.capacity_factor is None, ARCH,
              "one gated shared expert, softmax-then-top-k routing, no selection bias, dropless experts")
-        d_expert = config.d_expert or config.d_ff
-        hf.update(moe_intermediate_size=d_expert, shared_expert_intermediate_size=config.shared_d_ff or d_expert,
-                  num_experts=config.n_experts, num_experts_per_tok=config.top_k, norm_topk_prob=config.renormalize)
+        hf.update(moe_intermediate_size=config.resolved_d_expert,
+                  shared_expert_intermediate_size=config.resolved_shared_d_ff, num_experts=config.n_experts, num_experts_per_tok=config.top_k, norm_topk_prob=config.renormalize)
     else:
         hf.update(num_experts=0)
     return hf
 
 
 def _linear_dims(config: ModelConfig) -> dict:
-    """Key heads H, their width K, value heads HV and their width V, with jaxlm's defaults."""
-    h = config.linear_n_heads or config.n_heads
-    k = config.linear_head_dim or config.d_model // h
-    return dict(num_key_heads=h, key_head_dim=k, num_value_heads=config.linear_n_v_heads or h,
-                value_head_dim=config.linear_head_v_dim or k)
+    """Gated DeltaNet's key heads H, their width K, value heads HV and their width V."""
+    k, v = config.linear_head_dims("G")
+    return dict(num_key_heads=config.resolved_linear_n_heads, key_head_dim=k,
+                num_value_heads=config.resolved_linear_n_v_heads, value_head_dim=v)
 
 
 def _deltanet_rules(hf: str, jx: str, config: ModelConfig) -> list[Rule]:
@@ -101,7 +98,7 @@ def _deltanet_rules(hf: str, jx: str, config: ModelConfig) -> list[Rule]:
 
 
 def _attention_rules(hf: str, jx: str, config: ModelConfig) -> list[Rule]:
-    k = head_dim_of(config)
+    k = config.resolved_head_dim
     q_and_gate = [f"{jx}.q_proj.kernel", f"{jx}.gate_proj.kernel"]
     rules = [grouped_rows(f"{hf}.q_proj.weight", q_and_gate, config.n_heads, [k, k])]
     rules += [linear(f"{hf}.{p}.weight", f"{jx}.{p}.kernel") for p in ("k_proj", "v_proj", "o_proj")]

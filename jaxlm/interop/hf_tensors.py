@@ -22,12 +22,13 @@ from typing import Callable, Iterable, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+
+from jaxlm.sharding import variable_sharding
 
 Arrays = list[np.ndarray]
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-EXPERT_PARAMS = ("w_gate", "w_up", "w_down")  # MoE parameters with a leading expert axis
 
 
 @dataclass(frozen=True)
@@ -125,20 +126,10 @@ def path_name(path: Iterable) -> str:
     return ".".join(str(p) for p in path)
 
 
-def sharding_for(name: str, shape: tuple[int, ...], mesh: Mesh | None):
-    """The placement rule: MoE expert weights [E, ...] split their leading axis over the mesh
-    axis ``expert`` when it exists and divides E; every other parameter is replicated."""
-    if mesh is None:
-        return None
-    if name.rsplit(".", 1)[-1] in EXPERT_PARAMS and "expert" in mesh.axis_names:
-        if shape[0] % mesh.shape["expert"] == 0:
-            return NamedSharding(mesh, P("expert"))
-    return NamedSharding(mesh, P())
-
-
 def fill_model(abstract: nnx.Module, rules: Sequence[Rule], reader: CheckpointReader, mesh: Mesh | None):
-    """The abstract model with every variable read through ``rules`` and placed by
-    ``sharding_for``; raises ValueError on a variable the rules leave unset or a shape mismatch."""
+    """The abstract model with every variable read through ``rules`` and placed on ``mesh`` by
+    its logical axes (``jaxlm.sharding.variable_sharding``; on the default device without a
+    mesh); raises ValueError on a variable the rules leave unset or a shape mismatch."""
     graphdef, state = nnx.split(abstract)
     targets = {path_name(p): v for p, v in nnx.to_flat_state(state)}
     values: dict[str, jax.Array] = {}
@@ -148,7 +139,7 @@ def fill_model(abstract: nnx.Module, rules: Sequence[Rule], reader: CheckpointRe
             if tuple(array.shape) != tuple(spec.shape):
                 raise ValueError(f"{rule.hf} gives {name} the shape {array.shape}; the model expects {spec.shape}")
             array = np.ascontiguousarray(array.astype(spec.dtype))
-            values[name] = jax.device_put(array, sharding_for(name, spec.shape, mesh))
+            values[name] = jax.device_put(array, None if mesh is None else variable_sharding(targets[name], mesh))
     unset = sorted(set(targets) - set(values))
     if unset:
         raise ValueError(f"no checkpoint tensor maps to the model variables {unset}")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from jaxlm.interop.hf_config import (
     Architecture, attention_fields, attention_hf_fields, attention_rules, check_int, common_fields,
-    common_hf_fields, embedding_rules, expert_rules, head_dim_of, mlp_rules, moe_pattern, need, need_plain_blocks,
-    num_experts, periodic, unsupported, window_fields,
+    common_hf_fields, embedding_rules, expert_rules, mlp_rules, moe_pattern, need, need_plain_blocks, num_experts,
+    periodic, unsupported, window_fields,
 )
 from jaxlm.interop.hf_tensors import Rule, same
 from jaxlm.models import ModelConfig
@@ -41,7 +41,7 @@ def _check_attention(config: ModelConfig, arch: str, qk_norm: bool, scope: str =
          f"qk_norm={qk_norm}" + (f" with qk_norm_scope={scope!r}" if qk_norm else ""))
     need(not config.attention_output_gate and not config.zero_centered_norm, arch,
          "no attention output gate and plain (not zero-centred) norms")
-    need(config.rotary_dim in (None, head_dim_of(config)), arch, "RoPE over the whole head")
+    need(config.resolved_rotary_dim == config.resolved_head_dim, arch, "RoPE over the whole head")
     need_plain_blocks(config, arch)
 
 
@@ -131,7 +131,7 @@ def mixtral_from_config(config: ModelConfig) -> dict:
     _check_moe(config, arch, (("softmax_topk", True), ("topk_softmax", False), ("topk_softmax", True)))
     need(all(f == "E" for _, f in config.layer_kinds()), arch, "experts in every layer")
     return {**common_hf_fields(config, arch, "mixtral", "rms_norm_eps"), **attention_hf_fields(config),
-            **_uniform_window(config, arch), "intermediate_size": config.d_expert or config.d_ff,
+            **_uniform_window(config, arch), "intermediate_size": config.resolved_d_expert,
             "num_local_experts": config.n_experts, "num_experts_per_tok": config.top_k}
 
 
@@ -155,7 +155,7 @@ def qwen3_moe_to_config(hf: dict) -> ModelConfig:
 def _moe_layers(config: ModelConfig) -> dict:
     dense = [i for i, (_, f) in enumerate(config.layer_kinds()) if f == "D"]
     return {"mlp_only_layers": dense, "decoder_sparse_step": 1, "intermediate_size": config.d_ff,
-            "moe_intermediate_size": config.d_expert or config.d_ff, "num_experts": config.n_experts,
+            "moe_intermediate_size": config.resolved_d_expert, "num_experts": config.n_experts,
             "num_experts_per_tok": config.top_k, "norm_topk_prob": config.renormalize}
 
 
@@ -188,9 +188,9 @@ def olmoe_from_config(config: ModelConfig) -> dict:
     _check_attention(config, arch, qk_norm=True, scope="all")
     _check_moe(config, arch, (("softmax_topk", False), ("softmax_topk", True)))
     need(all(f == "E" for _, f in config.layer_kinds()), arch, "experts in every layer")
-    need(head_dim_of(config) * config.n_heads == config.d_model, arch, "head_dim · n_heads == d_model")
+    need(config.resolved_head_dim * config.n_heads == config.d_model, arch, "head_dim · n_heads == d_model")
     return {**common_hf_fields(config, arch, "olmoe"), **attention_hf_fields(config), "clip_qkv": None,
-            "intermediate_size": config.d_expert or config.d_ff, "num_experts": config.n_experts,
+            "intermediate_size": config.resolved_d_expert, "num_experts": config.n_experts,
             "num_experts_per_tok": config.top_k, "norm_topk_prob": config.renormalize}
 
 

@@ -8,6 +8,9 @@
 - SSM decays (Mamba-2, Gated DeltaNet): ``A_log`` and ``dt_bias`` as in the Mamba-2 paper and
   code (mamba_ssm): A uniform in a range, stored as log; dt log-uniform in [dt_min, dt_max],
   floored, stored as its inverse softplus so that softplus(dt_bias) = dt at initialisation.
+
+Every parameter is created with the logical names of its axes (``jaxlm.axis_names``) as nnx
+metadata, through ``dense`` or ``param``; ``jaxlm.sharding`` derives its placement from them.
 """
 
 from __future__ import annotations
@@ -16,26 +19,50 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.axis_names import LOGICAL_AXES, METADATA_KEY
+
 INIT_STD = 0.02
+
+Axes = tuple[str | None, ...]
+
+
+def check_axes(axes: Axes, ndim: int) -> Axes:
+    """axes: one logical name of LOGICAL_AXES (or None) per array axis."""
+    axes = tuple(axes)
+    if len(axes) != ndim or any(a is not None and a not in LOGICAL_AXES for a in axes):
+        raise ValueError(f"axes must name each of {ndim} axes with one of {list(LOGICAL_AXES)} or None, got {axes!r}")
+    return axes
+
+
+def param(value: jax.Array, axes: Axes, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
+    """``kind(value)`` (an nnx.Param by default) whose axes have the logical names ``axes``."""
+    return kind(value, **{METADATA_KEY: check_axes(axes, value.ndim)})
 
 
 def dense(
     in_features: int,
     out_features: int,
     *,
+    axes: tuple[str | None, str | None],
     rngs: nnx.Rngs,
     dtype,
     param_dtype,
     use_bias: bool = False,
+    precision: jax.lax.Precision | None = None,
 ) -> nnx.Linear:
-    """A Linear [in, out] with the normal(0.02) kernel and zero bias."""
+    """A Linear [in, out] with the normal(0.02) kernel and zero bias; ``axes`` are the logical
+    names of the kernel's (in, out) axes, and the bias [out] shares the out name."""
+    axes = check_axes(axes, 2)
     return nnx.Linear(
         in_features,
         out_features,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
+        precision=precision,
         kernel_init=nnx.initializers.normal(INIT_STD),
+        kernel_metadata={METADATA_KEY: axes},
+        bias_metadata={METADATA_KEY: axes[1:]},
         rngs=rngs,
     )
 

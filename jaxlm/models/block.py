@@ -12,48 +12,48 @@ from jaxlm.ops.moe import MoEAux
 
 
 def build_mixer(kind: str, config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) -> nnx.Module | None:
-    """The mixer layer for one letter of layer_pattern, or None for '-'."""
+    """The mixer layer for one letter of layer_pattern, or None for '-'. Widths and head counts
+    come resolved from the config, so the layers' own defaults never apply here."""
     c = config
     dtypes = dict(dtype=c.compute_dtype, param_dtype=c.storage_dtype)
     recurrence = dict(impl=c.impl, chunk_size=c.chunk_size, **dtypes, rngs=rngs)
-    linear_heads = c.linear_n_heads or c.n_heads
     if kind in "AW":
         return layers.Attention(
-            c.d_model, c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
-            rotary_dim=c.rotary_dim, qk_norm=c.qk_norm, qk_norm_scope=c.qk_norm_scope,
-            zero_centered_qk_norm=c.zero_centered_norm,
+            c.d_model, c.n_heads, n_kv_heads=c.resolved_n_kv_heads, head_dim=c.resolved_head_dim,
+            rope_theta=c.rope_theta, rotary_dim=c.resolved_rotary_dim, qk_norm=c.qk_norm,
+            qk_norm_scope=c.qk_norm_scope, zero_centered_qk_norm=c.zero_centered_norm,
             output_gate=c.attention_output_gate, window=c.window if kind == "W" else None,
             norm_eps=c.norm_eps, **dtypes, rngs=rngs,
-        )
-    if kind == "G":
-        return layers.GatedDeltaNet(
-            c.d_model, linear_heads, head_dim=c.linear_head_dim, n_v_heads=c.linear_n_v_heads,
-            head_v_dim=c.linear_head_v_dim, conv_size=c.conv_size, allow_neg_eigval=c.allow_neg_eigval,
-            norm_eps=c.norm_eps, **recurrence,
         )
     if kind == "M":
         return layers.Mamba2(
             c.d_model, d_state=c.mamba_d_state, d_conv=c.conv_size, expand=c.mamba_expand,
-            head_dim=c.mamba_head_dim, n_groups=c.mamba_n_groups, norm_groups=c.mamba_norm_groups,
-            n_heads=c.mamba_n_heads,
-            conv_bias=c.mamba_conv_bias, norm_eps=c.norm_eps, **recurrence,
+            head_dim=c.mamba_head_dim, n_groups=c.mamba_n_groups, norm_groups=c.resolved_mamba_norm_groups,
+            n_heads=c.resolved_mamba_n_heads, conv_bias=c.mamba_conv_bias, norm_eps=c.norm_eps, **recurrence,
+        )
+    if kind == "-":
+        return None
+    heads = c.resolved_linear_n_heads
+    head_dim, head_v_dim = c.linear_head_dims(kind)
+    if kind in "GR":  # R: the same layer without the decay (DeltaNet)
+        return layers.GatedDeltaNet(
+            c.d_model, heads, head_dim=head_dim, n_v_heads=c.resolved_linear_n_v_heads, head_v_dim=head_v_dim,
+            conv_size=c.conv_size, allow_neg_eigval=c.allow_neg_eigval, decay=kind == "G", norm_eps=c.norm_eps,
+            **recurrence,
         )
     if kind == "V":
         return layers.GatedLinearAttention(
-            c.d_model, linear_heads, head_dim=c.linear_head_dim, head_v_dim=c.linear_head_v_dim,
+            c.d_model, heads, head_dim=head_dim, head_v_dim=head_v_dim,
             gate_low_rank_dim=c.gla_gate_low_rank_dim, norm_eps=c.norm_eps, **recurrence,
         )
     if kind == "L":
         return layers.LightningAttention(
-            c.d_model, linear_heads, head_dim=c.linear_head_dim, layer_idx=layer_idx, n_layers=c.n_layers,
-            norm_eps=c.norm_eps if c.lightning_norm_eps is None else c.lightning_norm_eps, **recurrence,
+            c.d_model, heads, head_dim=head_dim, layer_idx=layer_idx, n_layers=c.n_layers,
+            norm_eps=c.resolved_lightning_norm_eps, **recurrence,
         )
-    if kind == "N":
-        return layers.LinearAttention(
-            c.d_model, linear_heads, head_dim=c.linear_head_dim, head_v_dim=c.linear_head_v_dim,
-            norm_eps=c.norm_eps, **recurrence,
-        )
-    return None
+    return layers.LinearAttention(  # "N"
+        c.d_model, heads, head_dim=head_dim, head_v_dim=head_v_dim, norm_eps=c.norm_eps, **recurrence,
+    )
 
 
 def build_ffn(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module | None:
@@ -63,10 +63,9 @@ def build_ffn(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module | No
     if kind == "D":
         return layers.feed_forward(c.mlp_activation, c.d_model, c.d_ff, **dtypes)
     if kind == "E":
-        d_expert = c.d_expert or c.d_ff
         return layers.MoE(
-            c.d_model, d_expert, c.n_experts, c.top_k, capacity_factor=c.capacity_factor,
-            num_shared_experts=c.n_shared_experts, shared_d_ff=c.shared_d_ff or d_expert,
+            c.d_model, c.resolved_d_expert, c.n_experts, c.top_k, capacity_factor=c.capacity_factor,
+            num_shared_experts=c.n_shared_experts, shared_d_ff=c.resolved_shared_d_ff,
             router=c.router, renormalize=c.renormalize, shared_expert_gate=c.shared_expert_gate,
             use_selection_bias=c.use_selection_bias, activation=c.mlp_activation, routed_scale=c.routed_scale,
             impl=c.moe_impl, **dtypes,

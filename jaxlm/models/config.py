@@ -7,6 +7,7 @@ with 8 layers is G G G A G G G A.
   mixer  A  softmax attention (RoPE, GQA; options: qk_norm and its scope, attention_output_gate)
          W  sliding-window softmax attention, ``window`` tokens
          G  Gated DeltaNet
+         R  DeltaNet: the delta rule without Gated DeltaNet's decay, otherwise the same layer
          M  Mamba-2
          V  GLA (vector-gated linear attention)
          L  Lightning attention (MiniMax)
@@ -29,14 +30,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import jax.numpy as jnp
+
+from jaxlm.layers.attention import QK_NORM_SCOPES
+from jaxlm.layers.mlp import ACTIVATIONS as MLP_ACTIVATIONS
+from jaxlm.ops.moe import ROUTERS
 
 MIXERS = {
     "A": "softmax attention",
     "W": "sliding-window softmax attention",
     "G": "Gated DeltaNet",
+    "R": "DeltaNet",
     "M": "Mamba-2",
     "V": "GLA",
     "L": "Lightning attention",
@@ -44,16 +50,17 @@ MIXERS = {
     "-": "none",
 }
 FFNS = {"D": "dense MLP", "E": "Mixture-of-Experts", "-": "none"}
-MLP_ACTIVATIONS = ("swiglu", "relu2")
+LINEAR_MIXERS = "GRVLN"  # the mixers whose widths are linear_head_dim and linear_head_v_dim
+# The names of the dtypes a model computes and stores its parameters in: ModelConfig turns them
+# into jnp dtypes (compute_dtype, storage_dtype) for the layers.
 DTYPES = ("float32", "bfloat16", "float16")
-ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
-QK_NORM_SCOPES = ("head", "all")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only LM. Fields that a pattern does not use are ignored (e.g. the MoE fields
-    without an ``E`` in ffn_pattern). ``None`` for a width means the default derived from others."""
+    without an ``E`` in ffn_pattern). ``None`` for a width means the default derived from others; read widths through the
+    ``resolved_*`` properties and ``linear_head_dims``, which apply those defaults."""
 
     vocab_size: int = 256
     d_model: int = 128
@@ -74,15 +81,17 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rotary_dim: int | None = None  # channels rotated per head; default head_dim; 0: no RoPE (Nemotron-H)
     qk_norm: bool = False
-    qk_norm_scope: str = "head"  # "head": each head's channels (Qwen3); "all": the whole q and k projections (OLMoE)
+    # "head": each head's channels (Qwen3); "all": the whole q and k projections (OLMoE)
+    qk_norm_scope: Literal[QK_NORM_SCOPES] = "head"
     attention_output_gate: bool = False
     window: int = 512
 
-    # Linear mixers (G, V, L, N): query/key heads, value heads and their widths.
+    # Linear mixers (G, R, V, L, N): query/key heads, value heads and their widths.
     linear_n_heads: int | None = None  # default n_heads
-    linear_head_dim: int | None = None  # default d_model // linear_n_heads
-    linear_n_v_heads: int | None = None  # Gated DeltaNet's grouped value heads; default linear_n_heads
-    linear_head_v_dim: int | None = None  # default linear_head_dim
+    linear_head_dim: int | None = None  # default d_model // linear_n_heads; GLA: d_model // (2·linear_n_heads)
+    linear_n_v_heads: int | None = None  # (Gated) DeltaNet's grouped value heads; default linear_n_heads
+    # default linear_head_dim; GLA: d_model // linear_n_heads; Lightning: always linear_head_dim
+    linear_head_v_dim: int | None = None
     conv_size: int = 4
     allow_neg_eigval: bool = False
     gla_gate_low_rank_dim: int = 16
@@ -98,7 +107,7 @@ class ModelConfig:
     mamba_conv_bias: bool = True
 
     # Feed-forward (D, E).
-    mlp_activation: str = "swiglu"  # of every feed-forward: "swiglu" or "relu2" (ungated, Nemotron-H)
+    mlp_activation: Literal[MLP_ACTIVATIONS] = "swiglu"  # of every feed-forward; "relu2": ungated (Nemotron-H)
     d_ff: int = 512
     n_experts: int = 8
     top_k: int = 2
@@ -106,7 +115,7 @@ class ModelConfig:
     n_shared_experts: int = 0
     shared_d_ff: int | None = None  # default d_expert
     shared_expert_gate: bool = False
-    router: str = "softmax_topk"
+    router: Literal[ROUTERS] = "softmax_topk"
     renormalize: bool = False
     use_selection_bias: bool = False
     capacity_factor: float | None = None  # None: dropless
@@ -116,8 +125,8 @@ class ModelConfig:
     impl: str | None = None  # recurrence form for full sequences and prefill; None: the fastest
     chunk_size: int = 64
     moe_impl: str | None = None
-    dtype: str = "float32"  # compute
-    param_dtype: str = "float32"  # storage
+    dtype: Literal[DTYPES] = "float32"  # compute
+    param_dtype: Literal[DTYPES] = "float32"  # storage
     remat: bool = False  # recompute each layer's activations in the backward pass
 
     def __post_init__(self) -> None:
@@ -135,6 +144,78 @@ class ModelConfig:
     @property
     def storage_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
+
+    # Resolved widths and head counts: the ``None`` defaults of the fields above, computed here
+    # once for the layers (block.py), the FLOPs formula (flops.py) and the checkpoint mappings.
+    # A default that does not divide evenly is a ValueError naming the fields.
+
+    @property
+    def resolved_n_kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        if self.head_dim is not None:
+            return self.head_dim
+        return _quotient(self.d_model, "d_model", self.n_heads, "n_heads", "head_dim")
+
+    @property
+    def resolved_rotary_dim(self) -> int:
+        return self.resolved_head_dim if self.rotary_dim is None else self.rotary_dim
+
+    @property
+    def resolved_linear_n_heads(self) -> int:
+        return self.n_heads if self.linear_n_heads is None else self.linear_n_heads
+
+    @property
+    def resolved_linear_n_v_heads(self) -> int:
+        """(Gated) DeltaNet's value heads (the other linear mixers have one per query/key head)."""
+        return self.resolved_linear_n_heads if self.linear_n_v_heads is None else self.linear_n_v_heads
+
+    def linear_head_dims(self, mixer: str) -> tuple[int, int]:
+        """(K, V), the key and value head widths of the linear mixer ``mixer`` (G, R, V, L or N)."""
+        if mixer not in LINEAR_MIXERS:
+            raise ValueError(f"mixer must be one of the linear mixers {list(LINEAR_MIXERS)}, got {mixer!r}")
+        h, d = self.resolved_linear_n_heads, self.d_model
+        k, v = self.linear_head_dim, self.linear_head_v_dim
+        if mixer == "V":  # fla's GLA: expand_k = 0.5, expand_v = 1
+            k = _quotient(d, "d_model", 2 * h, "2·linear_n_heads", "linear_head_dim") if k is None else k
+            v = _quotient(d, "d_model", h, "linear_n_heads", "linear_head_v_dim") if v is None else v
+            return k, v
+        k = _quotient(d, "d_model", h, "linear_n_heads", "linear_head_dim") if k is None else k
+        if mixer == "L":  # Lightning attention's values are as wide as its keys
+            return k, k
+        return k, k if v is None else v
+
+    @property
+    def resolved_mamba_n_heads(self) -> int:
+        if self.mamba_n_heads is not None:
+            return self.mamba_n_heads
+        return _quotient(
+            self.mamba_expand * self.d_model, "mamba_expand·d_model", self.mamba_head_dim, "mamba_head_dim",
+            "mamba_n_heads",
+        )
+
+    @property
+    def mamba_d_inner(self) -> int:
+        """Mamba-2's inner width: its heads times mamba_head_dim (mamba_expand·d_model by default)."""
+        return self.resolved_mamba_n_heads * self.mamba_head_dim
+
+    @property
+    def resolved_mamba_norm_groups(self) -> int:
+        return self.mamba_n_groups if self.mamba_norm_groups is None else self.mamba_norm_groups
+
+    @property
+    def resolved_lightning_norm_eps(self) -> float:
+        return self.norm_eps if self.lightning_norm_eps is None else self.lightning_norm_eps
+
+    @property
+    def resolved_d_expert(self) -> int:
+        return self.d_ff if self.d_expert is None else self.d_expert
+
+    @property
+    def resolved_shared_d_ff(self) -> int:
+        return self.resolved_d_expert if self.shared_d_ff is None else self.shared_d_ff
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A copy with some fields changed; an unknown field is a ValueError listing the fields."""
@@ -154,6 +235,16 @@ class ModelConfig:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+def _quotient(total: int, total_name: str, parts: int, parts_name: str, field: str) -> int:
+    """total / parts, the default of ``field``; a ValueError when parts does not divide total."""
+    if total % parts:
+        raise ValueError(
+            f"ModelConfig.{total_name}={total} must be a multiple of {parts_name}={parts} "
+            f"when {field} is None (its default is their quotient)"
+        )
+    return total // parts
 
 
 def _positive_ints(config: ModelConfig, *names: str) -> None:

@@ -5,7 +5,7 @@ A multiply-add is 2 FLOPs. Per token, the forward pass counts:
   dense_matmuls      2 × the matmul weights a token passes through: every mixer's projections,
                      dense SwiGLUs (3·D·F), and for MoE layers the router (D·E), the top_k routed
                      experts (top_k·3·D·F_e), the shared experts (3·D·S) and their gate (D).
-  conv               2·W·channels: the depthwise causal convs of Gated DeltaNet and Mamba-2.
+  conv               2·W·channels: the depthwise causal convs of (Gated) DeltaNet and Mamba-2.
   head               2·D·vocab: the output head, tied or not. The input embedding is a lookup: 0.
   attention_mixing   per softmax layer 2·H·(K + V)·ctx: the scores q·k and the weighted sum of
                      values over a context ctx averaged over the sequence: (T + 1)/2 causal, or
@@ -22,7 +22,7 @@ A multiply-add is 2 FLOPs. Per token, the forward pass counts:
                      linear attention: V + 1 (the normaliser's column of ones).
     GLA (vector gate)  the scalar terms + S(3K + 2V): the S×S diagonal sub-chunks, S =
                      min(16, C), with the per-channel decay tensor, q⊙k⊙decay summed over K, times V.
-    Gated DeltaNet   6KV + 2CK + 4C(K + V) + C²/3: the scalar terms, plus the WY/UT transform:
+    (Gated) DeltaNet 6KV + 2CK + 4C(K + V) + C²/3: the scalar terms, plus the WY/UT transform:
                      K Kᵀ within the chunk (2CK), the unit-triangular inverse (C³/3 a chunk),
                      applying it to [K | V] (2C(K + V)) and U = U' − W S (2KV).
 
@@ -72,47 +72,37 @@ def _mixer(kind: str, c: ModelConfig, seq_len: int) -> tuple[int, int, float, fl
     d = c.d_model
     chunk = effective_chunk_size(c.chunk_size, seq_len)
     if kind in "AW":
-        h = c.n_heads
-        hk = c.n_kv_heads or h
-        hd = c.head_dim or d // h
+        h, hk, hd = c.n_heads, c.resolved_n_kv_heads, c.resolved_head_dim
         proj = d * h * hd + 2 * d * hk * hd + h * hd * d + (d * h * hd if c.attention_output_gate else 0)
         ctx = mean_attention_context(seq_len, c.window if kind == "W" else None)
         return proj, 0, 2 * h * (hd + hd) * ctx, 0.0
-    h = c.linear_n_heads or c.n_heads
-    if kind == "G":
-        k = c.linear_head_dim or d // h
-        hv = c.linear_n_v_heads or h
-        v = c.linear_head_v_dim or k
-        # q, k, v, a (decay), b (beta), g (output gate), o.
-        proj = 2 * d * h * k + d * hv * v + 2 * d * hv + d * hv * v + hv * v * d
-        return proj, c.conv_size * (2 * h * k + hv * v), 0.0, hv * delta_chunk_flops(k, v, chunk)
     if kind == "M":
-        if c.mamba_n_heads:
-            heads, d_inner = c.mamba_n_heads, c.mamba_n_heads * c.mamba_head_dim
-        else:
-            d_inner = c.mamba_expand * d
-            heads = d_inner // c.mamba_head_dim
+        heads, d_inner = c.resolved_mamba_n_heads, c.mamba_d_inner
         conv_dim = d_inner + 2 * c.mamba_n_groups * c.mamba_d_state
         proj = d * (d_inner + conv_dim + heads) + d_inner * d  # in_proj [z, xBC, dt], out_proj
         mixing = heads * scalar_chunk_flops(c.mamba_d_state, c.mamba_head_dim, chunk)
         return proj, c.conv_size * conv_dim, 0.0, mixing
+    if kind == "-":
+        return 0, 0, 0.0, 0.0
+    h = c.resolved_linear_n_heads
+    k, v = c.linear_head_dims(kind)
+    if kind in "GR":
+        hv = c.resolved_linear_n_v_heads
+        # q, k, v, a (decay; Gated DeltaNet only), b (beta), g (output gate), o.
+        gates = 2 if kind == "G" else 1
+        proj = 2 * d * h * k + d * hv * v + gates * d * hv + d * hv * v + hv * v * d
+        return proj, c.conv_size * (2 * h * k + hv * v), 0.0, hv * delta_chunk_flops(k, v, chunk)
     if kind == "V":
-        k = c.linear_head_dim or d // (2 * h)
-        v = c.linear_head_v_dim or d // h
         r = c.gla_gate_low_rank_dim
         # q, k, v, the low-rank gate, g (output gate), o.
         proj = 2 * d * h * k + d * h * v + (d * r + r * h * k) + d * h * v + h * v * d
         return proj, 0, 0.0, h * vector_chunk_flops(k, v, chunk)
     if kind == "L":
-        k = c.linear_head_dim or d // h
         proj = 4 * d * h * k + h * k * d  # q, k, v, output gate, out
         return proj, 0, 0.0, h * scalar_chunk_flops(k, k, chunk)
-    if kind == "N":
-        k = c.linear_head_dim or d // h
-        v = c.linear_head_v_dim or k
-        proj = 2 * d * h * k + d * h * v + h * v * d
-        return proj, 0, 0.0, h * scalar_chunk_flops(k, v + 1, chunk)
-    return 0, 0, 0.0, 0.0  # "-"
+    # "N"
+    proj = 2 * d * h * k + d * h * v + h * v * d
+    return proj, 0, 0.0, h * scalar_chunk_flops(k, v + 1, chunk)
 
 
 def _ffn_weights(kind: str, c: ModelConfig) -> int:
@@ -122,10 +112,9 @@ def _ffn_weights(kind: str, c: ModelConfig) -> int:
     if kind == "D":
         return matrices * d * c.d_ff
     if kind == "E":
-        d_expert = c.d_expert or c.d_ff
-        shared = c.n_shared_experts * (c.shared_d_ff or d_expert)
+        shared = c.n_shared_experts * c.resolved_shared_d_ff
         gate = d if c.shared_expert_gate and c.n_shared_experts else 0
-        return d * c.n_experts + c.top_k * matrices * d * d_expert + matrices * d * shared + gate
+        return d * c.n_experts + c.top_k * matrices * d * c.resolved_d_expert + matrices * d * shared + gate
     return 0
 
 
