@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.layers.cache import KVCache, RecurrentCache
+from jaxlm.layers.cache import RecurrentCache
+from jaxlm.ops import KVCache
 from jaxlm.models import LM, LMOutput, preset
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -113,11 +114,10 @@ def synthetic_cache(model: LM, context: int, seed: int = 0) -> tuple:
         key, k1, k2 = jax.random.split(key, 3)
         if isinstance(layer, KVCache):
             written = jnp.arange(layer.key_doc.shape[1]) < context
-            out.append(KVCache(
+            out.append(layer._replace(
                 k=jax.random.normal(k1, layer.k.shape, layer.k.dtype),
                 v=jax.random.normal(k2, layer.v.shape, layer.v.dtype),
                 key_doc=jnp.where(written[None, :], 0, layer.key_doc).astype(jnp.int32),
-                doc=jnp.zeros_like(layer.doc),
                 pos=jnp.asarray(context, jnp.int32),
             ))
         elif isinstance(layer, RecurrentCache):

@@ -1,5 +1,8 @@
 import os
+import sys
 import tempfile
+
+import jaxtyping
 
 # Eight fake CPU devices for sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -10,3 +13,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlm-test-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# Shape-checked tests (jaxlm/typing.py): jaxtyping's import hook wraps every function of
+# jaxlm.ops and jaxlm.layers imported from here on in a beartype checker, so an array that breaks
+# an annotation fails the suite. It must come before any import of jaxlm; users' imports are never
+# wrapped. is_pep484_tower: an int is a valid float, as PEP 484 says.
+if "jaxlm" in sys.modules:
+    raise RuntimeError("jaxlm was imported before tests/conftest.py could install the type-checking hook")
+jaxtyping.install_import_hook(
+    ["jaxlm.ops", "jaxlm.layers"], "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import numpy as np
 
@@ -21,16 +22,30 @@ def rel_rms(a, b) -> float:
 
 
 def assert_close(actual, expected, tol: float, what: str = "") -> None:
-    """Relative RMS error <= tol, or max abs error <= ABS_PASS. Works on pytrees."""
-    leaves_a, tree_a = jax.tree.flatten(actual)
-    leaves_e, tree_e = jax.tree.flatten(expected)
-    assert tree_a == tree_e, f"{what}: structures differ: {tree_a} vs {tree_e}"
-    for i, (a, e) in enumerate(zip(leaves_a, leaves_e)):
-        a = np.asarray(a, np.float64)
-        e = np.asarray(e, np.float64)
-        assert a.shape == e.shape, f"{what}[{i}]: shape {a.shape} != {e.shape}"
-        assert np.isfinite(a).all(), f"{what}[{i}]: non-finite values"
-        if a.size == 0 or np.max(np.abs(a - e)) <= ABS_PASS:
+    """The contract's comparison of two pytrees, leaf by leaf.
+
+    chex checks that the structures and shapes match and that ``actual`` is finite. A leaf then
+    passes outright when max |a − b| <= ABS_PASS (``chex.assert_trees_all_close`` with rtol=0),
+    and otherwise needs a relative RMS error ``rms(a − b) / (rms(b) + 1e-8)`` <= tol: chex's own
+    elementwise rtol is not the contract's metric. Dtypes may differ (a bf16 output against a
+    float64 reference); both sides are compared in float64. The message names the failing leaf.
+    """
+    actual, expected = (jax.tree.map(lambda x: np.asarray(x, np.float64), tree) for tree in (actual, expected))
+    try:
+        chex.assert_trees_all_equal_structs(actual, expected)
+        chex.assert_trees_all_equal_shapes(actual, expected)
+        chex.assert_tree_all_finite(actual)
+    except AssertionError as error:
+        raise AssertionError(f"{what}: {error}") from None
+    leaves, _ = jax.tree_util.tree_flatten_with_path(actual)
+    for (path, a), e in zip(leaves, jax.tree.leaves(expected)):
+        leaf = f"{what}{jax.tree_util.keystr(path)}"
+        if a.size == 0:
             continue
+        try:
+            chex.assert_trees_all_close(a, e, rtol=0.0, atol=ABS_PASS)
+            continue
+        except AssertionError:
+            pass
         err = rel_rms(a, e)
-        assert err <= tol, f"{what}[{i}]: relative RMS error {err:.3g} > {tol:g}"
+        assert err <= tol, f"{leaf}: relative RMS error {err:.3g} > {tol:g} (max |a - b| {np.max(np.abs(a - e)):.3g})"

@@ -1,4 +1,4 @@
-"""Softmax attention against an independent float64 numpy reference.
+"""Softmax attention against the independent float64 reference of op_cases, with and without jit.
 
 Every output test runs twice: with the default query block (tiny shapes take the one-shot path)
 and with 4-row query blocks, so the blocked path is exercised, including T not a multiple of
@@ -7,86 +7,29 @@ the block.
 
 from __future__ import annotations
 
+import functools
+from unittest import mock
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from jaxlm import ops
 from jaxlm.ops.attention import xla as attention_xla
 from numerics import BF16_GRAD, BF16_OUT, F32_GRAD, F32_OUT, assert_close
+from op_cases import attention_formula, attention_mask, attention_reference, make_qkv, normal, segments_from_lengths
+
+QUERY_BLOCKS = {"one_shot": None, "blocks_of_4": 4}
 
 
-@pytest.fixture(params=[None, 4], ids=["one_shot", "blocks_of_4"])
+@pytest.fixture(params=list(QUERY_BLOCKS.values()), ids=list(QUERY_BLOCKS))
 def block(request, monkeypatch):
     if request.param is not None:
         monkeypatch.setattr(attention_xla, "QUERY_BLOCK", request.param)
     return request.param
-
-
-def visible(t_len, s_len, *, causal, window, segment_ids=None, batch=1):
-    """[B, T, S] bool straight from the spec."""
-    t = np.arange(t_len)[:, None]
-    s = np.arange(s_len)[None, :]
-    mask = np.ones((t_len, s_len), bool)
-    if causal:
-        mask &= s <= t
-        if window is not None:
-            mask &= t - window < s
-    elif window is not None:
-        mask &= np.abs(t - s) < window
-    mask = np.broadcast_to(mask, (batch, t_len, s_len)).copy()
-    if segment_ids is not None:
-        # A document is a run of equal ids: number the runs.
-        seg = np.asarray(segment_ids)
-        runs = np.concatenate([np.zeros((seg.shape[0], 1), int), np.cumsum(seg[:, 1:] != seg[:, :-1], 1)], 1)
-        mask &= runs[:, :, None] == runs[:, None, :]
-    return mask
-
-
-def reference(q, k, v, mask, scale=None):
-    """float64 softmax attention; a query with no visible key gets zeros. mask: [B, T, S]."""
-    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
-    b, t, h, d = q.shape
-    groups = h // k.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    out = np.zeros((b, t, h, v.shape[-1]))
-    for bi in range(b):
-        for hi in range(h):
-            kh, vh = k[bi, :, hi // groups], v[bi, :, hi // groups]
-            for ti in range(t):
-                keys = np.nonzero(mask[bi, ti])[0]
-                if keys.size == 0:
-                    continue
-                scores = scale * kh[keys] @ q[bi, ti, hi]
-                p = np.exp(scores - scores.max())
-                out[bi, ti, hi] = (p / p.sum()) @ vh[keys]
-    return out
-
-
-def jnp_formula(q, k, v, mask, scale=None):
-    """The unblocked formula in float32 jnp, for gradients. Every query must see a key."""
-    groups = q.shape[2] // k.shape[2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    s = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * scale
-    p = jax.nn.softmax(jnp.where(mask[:, None], s, -1e30), axis=-1)
-    return jnp.einsum("bhts,bshv->bthv", p, v, precision="highest")
-
-
-def normal(seed, shape, dtype=jnp.float32):
-    # numpy draws: eager jax.random would compile anew for every test shape.
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32), dtype)
-
-
-def make_qkv(seed, b, t, s, h, hk, d, dv, dtype=jnp.float32):
-    shapes = ((b, t, h, d), (b, s, hk, d), (b, s, hk, dv))
-    return tuple(normal(seed * 3 + i, shape, dtype) for i, shape in enumerate(shapes))
-
-
-def segments_from_lengths(rows):
-    """[[3, 5], [8]] -> [B, T] ids, one run of ids per document."""
-    return jnp.asarray([np.repeat(np.arange(len(r)), r) for r in rows], jnp.int32)
 
 
 # (causal, window, B, T, S, H, Hk, D, Dv, scale)
@@ -102,14 +45,19 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_matches_reference(case, block):
-    causal, window, b, t, s, h, hk, d, dv, scale = case
-    q, k, v = make_qkv(0, b, t, s, h, hk, d, dv)
-    o = ops.attention(q, k, v, causal=causal, window=window, scale=scale)
-    assert o.shape == (b, t, h, dv) and o.dtype == jnp.float32
-    expected = reference(q, k, v, visible(t, s, causal=causal, window=window, batch=b), scale)
-    assert_close(o, expected, F32_OUT, "o")
+class ReferenceTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters((f"{case}_{block}", case, block) for case in CASES for block in QUERY_BLOCKS)
+    def test_matches_reference(self, case, block):
+        causal, window, b, t, s, h, hk, d, dv, scale = CASES[case]
+        if QUERY_BLOCKS[block] is not None:
+            self.enter_context(mock.patch.object(attention_xla, "QUERY_BLOCK", QUERY_BLOCKS[block]))
+        q, k, v = make_qkv(0, b, t, s, h, hk, d, dv)
+        o = self.variant(functools.partial(ops.attention, causal=causal, window=window, scale=scale))(q, k, v)
+        chex.assert_shape(o, (b, t, h, dv))
+        chex.assert_type(o, jnp.float32)
+        expected = attention_reference(q, k, v, attention_mask(t, s, causal=causal, window=window, batch=b), scale)
+        assert_close(o, expected, F32_OUT, "o")
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 2), (False, None), (False, 3)])
@@ -127,8 +75,8 @@ def test_segments_equal_separate_runs(causal, window, block):
             )
             assert_close(o[row : row + 1, part], alone, F32_OUT, f"row {row} doc at {start}")
             start += n
-    mask = visible(13, 13, causal=causal, window=window, segment_ids=seg, batch=2)
-    assert_close(o, reference(q, k, v, mask), F32_OUT, "o vs reference")
+    mask = attention_mask(13, 13, causal=causal, window=window, segment_ids=seg, batch=2)
+    assert_close(o, attention_reference(q, k, v, mask), F32_OUT, "o vs reference")
 
 
 def test_segment_ids_repeated_nonadjacent_ids_are_separate_documents():
@@ -136,9 +84,9 @@ def test_segment_ids_repeated_nonadjacent_ids_are_separate_documents():
     seg = jnp.asarray([[0, 0, 1, 1, 0, 0]], jnp.int32)
     q, k, v = make_qkv(2, 1, 6, 6, 2, 2, 8, 8)
     o = ops.attention(q, k, v, causal=False, segment_ids=seg)
-    mask = visible(6, 6, causal=False, window=None, segment_ids=seg)
+    mask = attention_mask(6, 6, causal=False, window=None, segment_ids=seg)
     assert not mask[0, 0, 4]
-    assert_close(o, reference(q, k, v, mask), F32_OUT, "o")
+    assert_close(o, attention_reference(q, k, v, mask), F32_OUT, "o")
 
 
 GRAD_CASES = {
@@ -155,13 +103,13 @@ def test_gradients_match_unblocked_formula(case, block):
     seg = None if lengths is None else segments_from_lengths(lengths)
     q, k, v = make_qkv(3, b, t, t, h, hk, 12, 10)
     ct = normal(4, (b, t, h, 10))
-    mask = jnp.asarray(visible(t, t, causal=causal, window=window, segment_ids=seg, batch=b))
+    mask = jnp.asarray(attention_mask(t, t, causal=causal, window=window, segment_ids=seg, batch=b))
 
     def loss_op(q, k, v):
         return jnp.sum(ops.attention(q, k, v, causal=causal, window=window, segment_ids=seg) * ct)
 
     def loss_ref(q, k, v):
-        return jnp.sum(jnp_formula(q, k, v, mask) * ct)
+        return jnp.sum(attention_formula(q, k, v, mask) * ct)
 
     got = jax.jit(jax.grad(loss_op, argnums=(0, 1, 2)))(q, k, v)
     want = jax.jit(jax.grad(loss_ref, argnums=(0, 1, 2)))(q, k, v)
@@ -182,13 +130,13 @@ def test_bf16_inputs(block):
     q, k, v = make_qkv(6, 1, 11, 11, 4, 2, 16, 16, jnp.bfloat16)
     o = ops.attention(q, k, v, window=5, segment_ids=seg)
     assert o.dtype == jnp.bfloat16
-    mask = visible(11, 11, causal=True, window=5, segment_ids=seg)
-    assert_close(o, reference(q, k, v, mask), BF16_OUT, "o")
+    mask = attention_mask(11, 11, causal=True, window=5, segment_ids=seg)
+    assert_close(o, attention_reference(q, k, v, mask), BF16_OUT, "o")
 
     ct = normal(7, o.shape)
     grads = jax.grad(lambda *a: jnp.sum(ops.attention(*a, window=5, segment_ids=seg) * ct), argnums=(0, 1, 2))(q, k, v)
     f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
-    want = jax.grad(lambda *a: jnp.sum(jnp_formula(*a, jnp.asarray(mask)) * ct), argnums=(0, 1, 2))(*f32)
+    want = jax.grad(lambda *a: jnp.sum(attention_formula(*a, jnp.asarray(mask)) * ct), argnums=(0, 1, 2))(*f32)
     assert all(g.dtype == jnp.bfloat16 for g in grads)
     assert_close(grads, want, BF16_GRAD, "dq, dk, dv")
 
@@ -199,7 +147,7 @@ def test_queries_without_keys_give_zeros_and_finite_gradients(block):
     o = ops.attention(q, k, v, causal=False, window=2)
     np.testing.assert_array_equal(np.asarray(o[:, 5:]), 0.0)
     grads = jax.grad(lambda *a: jnp.sum(ops.attention(*a, causal=False, window=2) ** 2), argnums=(0, 1, 2))(q, k, v)
-    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+    chex.assert_tree_all_finite(grads)
     assert np.all(np.asarray(grads[0][:, 5:]) == 0.0)
 
 
@@ -207,12 +155,12 @@ def test_huge_scores_stay_finite(block):
     seg = segments_from_lengths([[3, 6]])
     q, k, v = make_qkv(9, 1, 9, 9, 2, 2, 8, 8)
     o = ops.attention(q, k, v, scale=300.0, window=4, segment_ids=seg)
-    mask = visible(9, 9, causal=True, window=4, segment_ids=seg)
-    assert_close(o, reference(q, k, v, mask, 300.0), F32_OUT, "o")
+    mask = attention_mask(9, 9, causal=True, window=4, segment_ids=seg)
+    assert_close(o, attention_reference(q, k, v, mask, 300.0), F32_OUT, "o")
     grads = jax.grad(lambda *a: jnp.sum(ops.attention(*a, scale=300.0, window=4, segment_ids=seg)), argnums=(0, 1, 2))(
         q, k, v
     )
-    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+    chex.assert_tree_all_finite(grads)
 
 
 def test_impl_xla_and_jit_agree_with_default():
@@ -227,7 +175,7 @@ def test_impl_xla_and_jit_agree_with_default():
 q4 = jnp.zeros((1, 6, 4, 8))
 kv2 = jnp.zeros((1, 6, 2, 8))
 ERRORS = {
-    "unknown_impl": (dict(impl="cuda"), "impl must be None or one of"),
+    "unknown_impl": (dict(impl="cuda"), "impl must be None, one of"),
     "window_zero": (dict(window=0), "window"),
     "window_negative": (dict(window=-2), "window"),
     "window_float": (dict(window=2.5), "window"),

@@ -80,30 +80,35 @@ def test_matmuls_match_each_models_parameters(family):
 #     and masks it, where the formula counts only what a causal (or windowed) query sees; for
 #     those layers the comparison adds the masked part. The delta rule's chunk form inverts
 #     (I + A) by substitution over full rows (2C³ a chunk, the formula's C³/3) and forms
-#     U = U' − W S in both the state pass and the readout.
+#     U = U' − W S in both the state pass and the readout;
+#   - the ops isolate non-finite inputs (ops.nonfinite): an isfinite, a select and a reduction
+#     per element of every input of a recurrence and of the short conv, a running OR per tap,
+#     and a select per output. Elementwise like the rest, it weighs most where convs are wide
+#     against d_model: 6-7% for Mamba-2 and Gated DeltaNet here.
 # Measured with jax 0.10.2 on XLA:CPU, XLA / (formula + the extra work above), in XLA_CASES'
-# comments. The band is [1.0, 1.1]: the formula never exceeds what XLA executes, and the mixing
-# terms are 15% or more of each total, so leaving one out, or counting it twice, falls outside.
-XLA_BAND = (1.0, 1.1)
+# comments. The band is [1.0, 1.15]: the formula never exceeds what XLA executes, and the mixing
+# terms are 15% or more of each total, so leaving one out (1/0.85 = 1.18), or counting it twice
+# (below 1), falls outside.
+XLA_BAND = (1.0, 1.15)
 
 _WIDE = dict(vocab_size=256, d_model=256, n_layers=1, ffn_pattern="-")
 XLA_CASES = {
     # name: (config, seq_len). Measured ratio, and in brackets XLA / formula before the extras.
-    # 1.013 (1.380: the masked half of the square)
+    # 1.015 (1.383: the masked half of the square)
     "attention": (ModelConfig(**_WIDE, layer_pattern="A", n_heads=4, n_kv_heads=2, head_dim=128), 512),
-    # 1.013 (1.435: the square, where a query sees 256 keys at most)
+    # 1.016 (1.439: the square, where a query sees 256 keys at most)
     "sliding_window": (ModelConfig(**_WIDE, layer_pattern="W", n_heads=4, head_dim=128, window=256), 512),
-    # 1.049 (1.115)
+    # 1.127 (1.198)
     "gated_deltanet": (ModelConfig(
         **_WIDE, layer_pattern="G", linear_n_heads=2, linear_n_v_heads=4, linear_head_dim=128,
         linear_head_v_dim=64, chunk_size=16), 64),
-    # 1.053
+    # 1.113
     "mamba2": (ModelConfig(**_WIDE, layer_pattern="M", mamba_d_state=128, mamba_head_dim=64, mamba_n_groups=2,
                            chunk_size=64), 256),
-    # 1.042
+    # 1.050
     "gla": (ModelConfig(**_WIDE, layer_pattern="V", linear_n_heads=4, linear_head_dim=64, linear_head_v_dim=128,
                         chunk_size=128), 512),
-    # 1.011
+    # 1.016
     "lightning": (ModelConfig(**_WIDE, layer_pattern="L", linear_n_heads=2, chunk_size=128), 512),
 }
 
@@ -172,7 +177,7 @@ def test_moe_flops_do_not_grow_with_the_number_of_experts():
     router_growth = 2 * config.d_model * config.n_experts * n_moe
     grown = flops_per_token(config, 256, training=False) + router_growth
     assert flops_per_token(doubled, 256, training=False) == pytest.approx(grown, rel=1e-12)
-    d_expert = config.d_expert or config.d_ff
+    d_expert = config.resolved_d_expert
     assert count_params(doubled) == count_params(config) + n_moe * config.n_experts * (3 * config.d_model * d_expert
                                                                                       + config.d_model)
     # The routed experts' FLOPs: top_k SwiGLUs per token and MoE layer.

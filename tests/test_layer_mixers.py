@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 
 from jaxlm.layers.attention import Attention
-from jaxlm.layers.cache import KVCache, RecurrentCache
+from jaxlm.layers.cache import RecurrentCache
+from jaxlm.ops import KVCache
 from jaxlm.layers.gated_deltanet import GatedDeltaNet
 from jaxlm.layers.gla import GatedLinearAttention
 from jaxlm.layers.lightning import LightningAttention

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm.layers.attention import Attention, masked_attention, write_slot
+from jaxlm.layers.attention import Attention
+from jaxlm.ops.attention.cached import write_slot
+from jaxlm.ops.attention.xla import masked_attention
 from jaxlm.layers.embedding import Embedding
 from jaxlm.layers.gated_deltanet import GatedDeltaNet
 from jaxlm.layers.gla import GatedLinearAttention

@@ -11,7 +11,9 @@ from jaxlm import ops
 
 T, H, K, V = 16384, 4, 64, 64
 EVERY_STEP_STATE_BYTES = T * H * K * V * 4
-BOUND = EVERY_STEP_STATE_BYTES // 4
+# A quarter of all states, and one [T, H, V] float32 buffer: the output cotangent that the
+# non-finite isolation's select (ops.nonfinite.Poison) hands the form's backward, 16 MiB here.
+BOUND = EVERY_STEP_STATE_BYTES // 4 + T * H * V * 4
 
 _spec = jax.ShapeDtypeStruct
 CASES = {
@@ -25,7 +27,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("op", list(CASES))
-def test_chunk_forward_backward_temp_memory_below_quarter_of_all_states(op):
+def test_chunk_forward_backward_temp_memory_near_a_quarter_of_all_states(op):
     fn, gate_shape = CASES[op]
     loss = lambda *args: jnp.sum(fn(*args))  # noqa: E731
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))

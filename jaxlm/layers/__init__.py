@@ -1,7 +1,7 @@
 """Flax NNX modules that hold parameters and call jaxlm.ops (dimension legend: layers/cache.py)."""
 
-from jaxlm.layers.attention import Attention, cached_attention, masked_attention
-from jaxlm.layers.cache import KVCache, RecurrentCache
+from jaxlm.layers.attention import Attention
+from jaxlm.layers.cache import RecurrentCache
 from jaxlm.layers.embedding import Embedding
 from jaxlm.layers.gated_deltanet import GatedDeltaNet, l2_normalize
 from jaxlm.layers.gla import GatedLinearAttention
@@ -14,8 +14,8 @@ from jaxlm.layers.norms import GatedRMSNorm, RMSNorm, gated_rms_norm, rms_norm
 from jaxlm.layers.rotary import apply_rope, rope_frequencies
 
 __all__ = [
-    "Attention", "Embedding", "GatedDeltaNet", "GatedLinearAttention", "GatedRMSNorm", "KVCache",
+    "Attention", "Embedding", "GatedDeltaNet", "GatedLinearAttention", "GatedRMSNorm",
     "LightningAttention", "LinearAttention", "Mamba2", "MoE", "RMSNorm", "RecurrentCache", "Relu2MLP", "RouterBias",
-    "SwiGLU", "apply_rope", "cached_attention", "feed_forward", "gated_rms_norm", "l2_normalize",
-    "lightning_log_decay", "masked_attention", "rms_norm", "rope_frequencies",
+    "SwiGLU", "apply_rope", "feed_forward", "gated_rms_norm", "l2_normalize",
+    "lightning_log_decay", "rms_norm", "rope_frequencies",
 ]

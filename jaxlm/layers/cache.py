@@ -1,4 +1,5 @@
-"""Decode caches shared by the mixer layers, as NamedTuple pytrees.
+"""Decode caches of the mixer layers, as NamedTuple pytrees: ``RecurrentCache`` here, and the
+attention layers' ``KVCache`` from ``ops.cached_attention``, which reads and writes it.
 
 Dimension letters used across ``jaxlm.layers``:
   B batch, T tokens in this call, D model width, H query/key heads, HV value heads,
@@ -20,35 +21,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
+from jaxlm.typing import ConvState, State
 
 
 class RecurrentCache(NamedTuple):
     """The cache of a linear-recurrence layer: its size does not depend on max_len."""
 
-    state: jax.Array  # [B, HV, K, V] float32 (linear attention: [B, H, K, V+1], see linear_attention.py)
-    conv: jax.Array | None  # [B, W-1, C] float32, the last W-1 conv inputs; None without a short conv
-
-
-class KVCache(NamedTuple):
-    """The cache of a softmax-attention layer.
-
-    L slots hold keys and values. Token position p lives in slot p mod L, so with L = max_len
-    this is a plain KV cache, and a sliding-window layer keeps L = window slots as a ring buffer.
-    Document numbers keep a decode step from reading padding or another document: batched prompts
-    of different lengths are left-padded with the padding as a separate segment.
-
-    Keys and values are stored head-major, [B, Hk, L, ·], the layout the attention contractions
-    batch over (``masked_softmax_attend``): a decode step reads each cached key and value once, in
-    place. Token-major [B, L, Hk, ·] storage made XLA transpose a copy of the whole cache on every
-    step, about 3× the memory traffic.
-    """
-
-    k: jax.Array  # [B, Hk, L, K], RoPE already applied
-    v: jax.Array  # [B, Hk, L, V]
-    key_doc: jax.Array  # [B, L] int32 document number of each slot's key; -1 while empty
-    doc: jax.Array  # [B] int32 document number of the row's last token
-    pos: jax.Array  # [] int32 tokens written so far: the position of the next token
+    state: State  # [B, HV, K, V] float32 (linear attention: [B, H, K, V+1], see linear_attention.py)
+    conv: ConvState | None  # [B, W-1, C] float32, the last W-1 conv inputs; None without a short conv
 
 
 def recurrence_kwargs(cache: RecurrentCache | None, length: int, impl: str | None) -> dict:

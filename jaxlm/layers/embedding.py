@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.layers.initializers import INIT_STD
+from jaxlm.axis_names import EMBED, VOCAB
+from jaxlm.layers.initializers import INIT_STD, param
 from jaxlm.layers.validation import check_positive
+from jaxlm.typing import Hidden, Logits, TokenIds
 
 
 class Embedding(nnx.Module):
@@ -31,14 +32,15 @@ class Embedding(nnx.Module):
         self.tie_output = tie_output
         self.dtype = dtype
         init = nnx.initializers.normal(INIT_STD)
-        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), param_dtype))  # [N, D]
-        self.head = None if tie_output else nnx.Param(init(rngs.params(), (d_model, vocab_size), param_dtype))
+        self.embedding = param(init(rngs.params(), (vocab_size, d_model), param_dtype), (VOCAB, EMBED))  # [N, D]
+        head = None if tie_output else init(rngs.params(), (d_model, vocab_size), param_dtype)  # [D, N]
+        self.head = None if head is None else param(head, (EMBED, VOCAB))
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: TokenIds) -> Hidden:
         """tokens: [B, T] ints -> [B, T, D] in the compute dtype."""
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
-    def logits(self, x: jax.Array) -> jax.Array:
+    def logits(self, x: Hidden) -> Logits:
         """x: [B, T, D] -> [B, T, N] float32."""
         x = x.astype(self.dtype)
         if self.tie_output:

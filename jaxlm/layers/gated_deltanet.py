@@ -1,4 +1,5 @@
-"""Gated DeltaNet (Yang et al. 2024; Qwen3-Next's linear layers) through ``ops.gated_delta_rule``.
+"""Gated DeltaNet (Yang et al. 2024; Qwen3-Next's linear layers) through ``ops.gated_delta_rule``,
+and with ``decay=False`` plain DeltaNet through ``ops.delta_rule``.
 
 Per token: q, k, v projections, each through a short causal conv and SiLU (one depthwise conv
 over the concatenated channels, as Qwen3-Next stores it; a depthwise conv is per channel, so
@@ -8,6 +9,10 @@ this equals three separate ones); q and k L2-normalised per head;
       transition I − βkkᵀ may then have negative eigenvalues, which helps state tracking);
 then S ← exp(g) S, S ← S + k (β (v − Sᵀk))ᵀ, o = Sᵀ(q·K^-1/2); o through a gated RMSNorm per
 value head with z = g_proj(x) (norm(o)·w·silu(z)); o_proj.
+
+``decay=False`` drops g (no a_proj, A_log or dt_bias): S ← S + k (β (v − Sᵀk))ᵀ, DeltaNet
+(Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule") with everything else
+as above, so that the two differ in the decay alone.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import ops
+from jaxlm.axis_names import EMBED, HEADS
 from jaxlm.layers import initializers as init
 from jaxlm.layers.cache import RecurrentCache, recurrence_kwargs
 from jaxlm.layers.norms import GatedRMSNorm
 from jaxlm.layers.validation import check_divides, check_positive, check_positive_float
+from jaxlm.typing import Hidden, SegmentIds
 
 # fla's l2norm epsilon: x / sqrt(Σx² + eps).
 L2_EPS = 1e-6
@@ -40,6 +47,7 @@ class GatedDeltaNet(nnx.Module):
       n_v_heads: HV value heads, a multiple of H (grouped values); default H.
       head_v_dim: V; default K.
       conv_size: W of the short convs. allow_neg_eigval: β = 2·sigmoid(b).
+      decay: the gate g; False gives plain DeltaNet (``ops.delta_rule``), without a_proj, A_log, dt_bias.
       a_init_range, dt_min, dt_max, dt_init_floor: A_log and dt_bias at init, as Mamba-2.
       norm_eps: of the output gated RMSNorm.
       impl, chunk_size: passed to ``ops.gated_delta_rule`` for full sequences and prefill.
@@ -55,6 +63,7 @@ class GatedDeltaNet(nnx.Module):
         head_v_dim: int | None = None,
         conv_size: int = 4,
         allow_neg_eigval: bool = False,
+        decay: bool = True,
         a_init_range: tuple[float, float] = (1.0, 16.0),
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
@@ -81,24 +90,28 @@ class GatedDeltaNet(nnx.Module):
 
         self.n_heads, self.head_dim, self.n_v_heads, self.head_v_dim = n_heads, head_dim, n_v_heads, head_v_dim
         self.key_dim, self.value_dim = n_heads * head_dim, n_v_heads * head_v_dim
-        self.conv_size, self.allow_neg_eigval = conv_size, allow_neg_eigval
+        self.conv_size, self.allow_neg_eigval, self.decay = conv_size, allow_neg_eigval, decay
         self.impl, self.chunk_size, self.dtype = impl, chunk_size, dtype
         self.conv_dim = 2 * self.key_dim + self.value_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.q_proj = init.dense(d_model, self.key_dim, **kw)
-        self.k_proj = init.dense(d_model, self.key_dim, **kw)
-        self.v_proj = init.dense(d_model, self.value_dim, **kw)
-        self.a_proj = init.dense(d_model, n_v_heads, **kw)
-        self.b_proj = init.dense(d_model, n_v_heads, **kw)
-        self.g_proj = init.dense(d_model, self.value_dim, **kw)
-        self.conv_weight = nnx.Param(init.conv_weight(rngs.params(), self.conv_dim, conv_size, param_dtype))
-        self.A_log = nnx.Param(init.a_log_init(rngs.params(), n_v_heads, (lo, hi), param_dtype))
-        dt_bias = init.dt_bias_init(rngs.params(), n_v_heads, dt_min, dt_max, dt_init_floor, param_dtype)
-        self.dt_bias = nnx.Param(dt_bias)
+        self.q_proj = init.dense(d_model, self.key_dim, axes=(EMBED, HEADS), **kw)
+        self.k_proj = init.dense(d_model, self.key_dim, axes=(EMBED, HEADS), **kw)
+        self.v_proj = init.dense(d_model, self.value_dim, axes=(EMBED, HEADS), **kw)
+        self.a_proj = init.dense(d_model, n_v_heads, axes=(EMBED, HEADS), **kw) if decay else None
+        self.b_proj = init.dense(d_model, n_v_heads, axes=(EMBED, HEADS), **kw)
+        self.g_proj = init.dense(d_model, self.value_dim, axes=(EMBED, HEADS), **kw)
+        conv = init.conv_weight(rngs.params(), self.conv_dim, conv_size, param_dtype)
+        self.conv_weight = init.param(conv, (HEADS, None))
+        if decay:
+            self.A_log = init.param(init.a_log_init(rngs.params(), n_v_heads, (lo, hi), param_dtype), (None,))
+            dt_bias = init.dt_bias_init(rngs.params(), n_v_heads, dt_min, dt_max, dt_init_floor, param_dtype)
+            self.dt_bias = init.param(dt_bias, (None,))
+        else:
+            self.A_log = self.dt_bias = None
         self.o_norm = GatedRMSNorm(
             head_v_dim, eps=norm_eps, norm_before_gate=True, dtype=dtype, param_dtype=param_dtype
         )
-        self.o_proj = init.dense(self.value_dim, d_model, **kw)
+        self.o_proj = init.dense(self.value_dim, d_model, axes=(HEADS, EMBED), **kw)
 
     def init_cache(self, batch_size: int, max_len: int) -> RecurrentCache:
         """State [B, HV, K, V] and conv state [B, W-1, 2·H·K + HV·V], float32; max_len is unused."""
@@ -109,8 +122,8 @@ class GatedDeltaNet(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, *, segment_ids: jax.Array | None = None, cache: RecurrentCache | None = None
-    ) -> tuple[jax.Array, RecurrentCache | None]:
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: RecurrentCache | None = None
+    ) -> tuple[Hidden, RecurrentCache | None]:
         """x: [B, T, D] -> ([B, T, D], the updated cache or None)."""
         b, t, _ = x.shape
         qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
@@ -128,22 +141,19 @@ class GatedDeltaNet(nnx.Module):
         v = v.reshape(b, t, self.n_v_heads, self.head_v_dim)
 
         f32 = jnp.float32
-        a = self.a_proj(x).astype(f32) + self.dt_bias[...].astype(f32)
-        g = -jnp.exp(self.A_log[...].astype(f32)) * jax.nn.softplus(a)  # [B, T, HV]
         beta = jax.nn.sigmoid(self.b_proj(x).astype(f32))
         if self.allow_neg_eigval:
             beta = 2.0 * beta
-        o, state = ops.gated_delta_rule(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            scale=self.head_dim**-0.5,
-            segment_ids=segment_ids,
-            chunk_size=self.chunk_size,
+        common = dict(
+            scale=self.head_dim**-0.5, segment_ids=segment_ids, chunk_size=self.chunk_size,
             **recurrence_kwargs(cache, t, self.impl),
         )
+        if self.decay:
+            a = self.a_proj(x).astype(f32) + self.dt_bias[...].astype(f32)
+            g = -jnp.exp(self.A_log[...].astype(f32)) * jax.nn.softplus(a)  # [B, T, HV]
+            o, state = ops.gated_delta_rule(q, k, v, g, beta, **common)
+        else:
+            o, state = ops.delta_rule(q, k, v, beta, **common)
         z = self.g_proj(x).reshape(b, t, self.n_v_heads, self.head_v_dim)
         o = self.o_norm(o, z).reshape(b, t, self.value_dim)
         new_cache = None if cache is None else RecurrentCache(state=state, conv=conv_state)

@@ -14,10 +14,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import ops
+from jaxlm.axis_names import EMBED, HEADS
 from jaxlm.layers import initializers as init
 from jaxlm.layers.cache import RecurrentCache, recurrence_kwargs
 from jaxlm.layers.norms import GatedRMSNorm, RMSNorm
 from jaxlm.layers.validation import check_divides, check_positive, check_positive_float
+from jaxlm.typing import Hidden, SegmentIds
 
 
 class GatedLinearAttention(nnx.Module):
@@ -63,19 +65,20 @@ class GatedLinearAttention(nnx.Module):
         self.impl, self.chunk_size, self.dtype = impl, chunk_size, dtype
         key_dim, value_dim = n_heads * head_dim, n_heads * head_v_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.q_proj = init.dense(d_model, key_dim, **kw)
-        self.k_proj = init.dense(d_model, key_dim, **kw)
-        self.v_proj = init.dense(d_model, value_dim, **kw)
-        self.gk_down = init.dense(d_model, gate_low_rank_dim, **kw)
-        self.gk_up = init.dense(gate_low_rank_dim, key_dim, use_bias=True, **kw)
+        self.q_proj = init.dense(d_model, key_dim, axes=(EMBED, HEADS), **kw)
+        self.k_proj = init.dense(d_model, key_dim, axes=(EMBED, HEADS), **kw)
+        self.v_proj = init.dense(d_model, value_dim, axes=(EMBED, HEADS), **kw)
+        # The low-rank middle of the gate is small: every device holds it whole.
+        self.gk_down = init.dense(d_model, gate_low_rank_dim, axes=(EMBED, None), **kw)
+        self.gk_up = init.dense(gate_low_rank_dim, key_dim, axes=(None, HEADS), use_bias=True, **kw)
         norm_kw = dict(eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
         if output_gate:
-            self.g_proj = init.dense(d_model, value_dim, **kw)
+            self.g_proj = init.dense(d_model, value_dim, axes=(EMBED, HEADS), **kw)
             self.o_norm = GatedRMSNorm(head_v_dim, norm_before_gate=True, **norm_kw)
         else:
             self.g_proj = None
             self.o_norm = RMSNorm(head_v_dim, **norm_kw)
-        self.o_proj = init.dense(value_dim, d_model, **kw)
+        self.o_proj = init.dense(value_dim, d_model, axes=(HEADS, EMBED), **kw)
 
     def init_cache(self, batch_size: int, max_len: int) -> RecurrentCache:
         """State [B, H, K, V] float32, no conv; max_len is unused."""
@@ -84,8 +87,8 @@ class GatedLinearAttention(nnx.Module):
         return RecurrentCache(state=state, conv=None)
 
     def __call__(
-        self, x: jax.Array, *, segment_ids: jax.Array | None = None, cache: RecurrentCache | None = None
-    ) -> tuple[jax.Array, RecurrentCache | None]:
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: RecurrentCache | None = None
+    ) -> tuple[Hidden, RecurrentCache | None]:
         """x: [B, T, D] -> ([B, T, D], the updated cache or None)."""
         b, t, _ = x.shape
         h, dk, dv = self.n_heads, self.head_dim, self.head_v_dim

@@ -15,10 +15,12 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import ops
+from jaxlm.axis_names import EMBED, HEADS
 from jaxlm.layers import initializers as init
 from jaxlm.layers.cache import RecurrentCache, recurrence_kwargs
 from jaxlm.layers.norms import RMSNorm
 from jaxlm.layers.validation import check_divides, check_positive, check_positive_float
+from jaxlm.typing import Hidden, SegmentIds
 
 
 def lightning_log_decay(n_heads: int, layer_idx: int, n_layers: int) -> np.ndarray:
@@ -67,12 +69,12 @@ class LightningAttention(nnx.Module):
         self.g_gamma = tuple(float(g) for g in lightning_log_decay(n_heads, layer_idx, n_layers))
         inner = n_heads * head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.q_proj = init.dense(d_model, inner, **kw)
-        self.k_proj = init.dense(d_model, inner, **kw)
-        self.v_proj = init.dense(d_model, inner, **kw)
-        self.output_gate = init.dense(d_model, inner, **kw)
+        self.q_proj = init.dense(d_model, inner, axes=(EMBED, HEADS), **kw)
+        self.k_proj = init.dense(d_model, inner, axes=(EMBED, HEADS), **kw)
+        self.v_proj = init.dense(d_model, inner, axes=(EMBED, HEADS), **kw)
+        self.output_gate = init.dense(d_model, inner, axes=(EMBED, HEADS), **kw)
         self.norm = RMSNorm(inner, eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.out_proj = init.dense(inner, d_model, **kw)
+        self.out_proj = init.dense(inner, d_model, axes=(HEADS, EMBED), **kw)
 
     def init_cache(self, batch_size: int, max_len: int) -> RecurrentCache:
         """State [B, H, K, K] float32, no conv; max_len is unused."""
@@ -81,8 +83,8 @@ class LightningAttention(nnx.Module):
         return RecurrentCache(state=state, conv=None)
 
     def __call__(
-        self, x: jax.Array, *, segment_ids: jax.Array | None = None, cache: RecurrentCache | None = None
-    ) -> tuple[jax.Array, RecurrentCache | None]:
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: RecurrentCache | None = None
+    ) -> tuple[Hidden, RecurrentCache | None]:
         """x: [B, T, D] -> ([B, T, D], the updated cache or None)."""
         b, t, _ = x.shape
         shape = (b, t, self.n_heads, self.head_dim)

@@ -17,10 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import ops
+from jaxlm.axis_names import EMBED, HEADS
 from jaxlm.layers import initializers as init
 from jaxlm.layers.cache import RecurrentCache, recurrence_kwargs
 from jaxlm.layers.norms import RMSNorm
 from jaxlm.layers.validation import check_choice, check_divides, check_positive, check_positive_float
+from jaxlm.typing import Hidden, SegmentIds
 
 FEATURE_MAPS = {
     "elu1": lambda x: jax.nn.elu(x) + 1.0,
@@ -77,11 +79,11 @@ class LinearAttention(nnx.Module):
         self.feature_map, self.normalize = feature_map, normalize
         self.impl, self.chunk_size, self.dtype = impl, chunk_size, dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.q_proj = init.dense(d_model, n_heads * head_dim, **kw)
-        self.k_proj = init.dense(d_model, n_heads * head_dim, **kw)
-        self.v_proj = init.dense(d_model, n_heads * head_v_dim, **kw)
+        self.q_proj = init.dense(d_model, n_heads * head_dim, axes=(EMBED, HEADS), **kw)
+        self.k_proj = init.dense(d_model, n_heads * head_dim, axes=(EMBED, HEADS), **kw)
+        self.v_proj = init.dense(d_model, n_heads * head_v_dim, axes=(EMBED, HEADS), **kw)
         self.o_norm = RMSNorm(head_v_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype) if output_norm else None
-        self.o_proj = init.dense(n_heads * head_v_dim, d_model, **kw)
+        self.o_proj = init.dense(n_heads * head_v_dim, d_model, axes=(HEADS, EMBED), **kw)
 
     def init_cache(self, batch_size: int, max_len: int) -> RecurrentCache:
         """State [B, H, K, V(+1 with normalize)] float32, no conv; max_len is unused."""
@@ -90,8 +92,8 @@ class LinearAttention(nnx.Module):
         return RecurrentCache(state=jnp.zeros((batch_size, self.n_heads, self.head_dim, dv), jnp.float32), conv=None)
 
     def __call__(
-        self, x: jax.Array, *, segment_ids: jax.Array | None = None, cache: RecurrentCache | None = None
-    ) -> tuple[jax.Array, RecurrentCache | None]:
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: RecurrentCache | None = None
+    ) -> tuple[Hidden, RecurrentCache | None]:
         """x: [B, T, D] -> ([B, T, D], the updated cache or None)."""
         b, t, _ = x.shape
         h, dk, dv = self.n_heads, self.head_dim, self.head_v_dim

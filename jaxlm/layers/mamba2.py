@@ -18,10 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import ops
+from jaxlm.axis_names import EMBED, HEADS
 from jaxlm.layers import initializers as init
 from jaxlm.layers.cache import RecurrentCache, recurrence_kwargs
 from jaxlm.layers.norms import GatedRMSNorm
 from jaxlm.layers.validation import check_divides, check_positive, check_positive_float
+from jaxlm.typing import Hidden, SegmentIds
 
 
 class Mamba2(nnx.Module):
@@ -88,14 +90,17 @@ class Mamba2(nnx.Module):
         self.impl, self.chunk_size, self.dtype = impl, chunk_size, dtype
         self.conv_dim = d_inner + 2 * n_groups * d_state
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.in_proj = init.dense(d_model, d_inner + self.conv_dim + n_heads, **kw)
-        self.conv_weight = nnx.Param(init.conv_weight(rngs.params(), self.conv_dim, d_conv, param_dtype))
+        self.in_proj = init.dense(d_model, d_inner + self.conv_dim + n_heads, axes=(EMBED, HEADS), **kw)
+        conv = init.conv_weight(rngs.params(), self.conv_dim, d_conv, param_dtype)
+        self.conv_weight = init.param(conv, (HEADS, None))
         self.conv_bias = (
-            nnx.Param(init.conv_weight(rngs.params(), self.conv_dim, d_conv, param_dtype)[:, 0]) if conv_bias else None
+            init.param(init.conv_weight(rngs.params(), self.conv_dim, d_conv, param_dtype)[:, 0], (None,))
+            if conv_bias else None
         )
-        self.A_log = nnx.Param(init.a_log_init(rngs.params(), n_heads, (lo, hi), param_dtype))
-        self.dt_bias = nnx.Param(init.dt_bias_init(rngs.params(), n_heads, dt_min, dt_max, dt_init_floor, param_dtype))
-        self.D = nnx.Param(jnp.ones((n_heads,), param_dtype))
+        self.A_log = init.param(init.a_log_init(rngs.params(), n_heads, (lo, hi), param_dtype), (None,))
+        dt_bias = init.dt_bias_init(rngs.params(), n_heads, dt_min, dt_max, dt_init_floor, param_dtype)
+        self.dt_bias = init.param(dt_bias, (None,))
+        self.D = init.param(jnp.ones((n_heads,), param_dtype), (None,))
         # mamba_ssm's RMSNormGated: gate first, then normalise each group of d_inner / norm_groups.
         self.norm = GatedRMSNorm(
             d_inner,
@@ -105,7 +110,7 @@ class Mamba2(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
         )
-        self.out_proj = init.dense(d_inner, d_model, **kw)
+        self.out_proj = init.dense(d_inner, d_model, axes=(HEADS, EMBED), **kw)
 
     def init_cache(self, batch_size: int, max_len: int) -> RecurrentCache:
         """State [B, HV, N, P] and conv state [B, W-1, C], both float32; max_len is unused."""
@@ -116,8 +121,8 @@ class Mamba2(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, *, segment_ids: jax.Array | None = None, cache: RecurrentCache | None = None
-    ) -> tuple[jax.Array, RecurrentCache | None]:
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: RecurrentCache | None = None
+    ) -> tuple[Hidden, RecurrentCache | None]:
         """x: [B, T, D] -> ([B, T, D], the updated cache or None)."""
         b, t, _ = x.shape
         zxbcdt = self.in_proj(x)

@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.axis_names import EMBED, MLP
 from jaxlm.layers.initializers import dense
 from jaxlm.layers.validation import check_positive
-
-ACTIVATIONS = ("swiglu", "relu2")
-
+from jaxlm.typing import Features
 
 class SwiGLU(nnx.Module):
     """x [B, T, D] -> [B, T, D] through a hidden width F, no biases, normal(0.02) init."""
@@ -19,11 +18,11 @@ class SwiGLU(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         check_positive(d_model=d_model, d_ff=d_ff)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.gate_proj = dense(d_model, d_ff, **kw)
-        self.up_proj = dense(d_model, d_ff, **kw)
-        self.down_proj = dense(d_ff, d_model, **kw)
+        self.gate_proj = dense(d_model, d_ff, axes=(EMBED, MLP), **kw)
+        self.up_proj = dense(d_model, d_ff, axes=(EMBED, MLP), **kw)
+        self.down_proj = dense(d_ff, d_model, axes=(MLP, EMBED), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: Features) -> Features:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -33,15 +32,20 @@ class Relu2MLP(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         check_positive(d_model=d_model, d_ff=d_ff)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.up_proj = dense(d_model, d_ff, **kw)
-        self.down_proj = dense(d_ff, d_model, **kw)
+        self.up_proj = dense(d_model, d_ff, axes=(EMBED, MLP), **kw)
+        self.down_proj = dense(d_ff, d_model, axes=(MLP, EMBED), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: Features) -> Features:
         return self.down_proj(jnp.square(jax.nn.relu(self.up_proj(x))))
+
+
+# The feed-forward of each activation name; the MoE experts implement the same names (ops.moe).
+FEED_FORWARDS = {"swiglu": SwiGLU, "relu2": Relu2MLP}
+ACTIVATIONS = tuple(FEED_FORWARDS)
 
 
 def feed_forward(activation: str, d_model: int, d_ff: int, **kwargs) -> SwiGLU | Relu2MLP:
     """The dense feed-forward for ``activation`` in ACTIVATIONS."""
-    if activation not in ACTIVATIONS:
+    if activation not in FEED_FORWARDS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-    return (SwiGLU if activation == "swiglu" else Relu2MLP)(d_model, d_ff, **kwargs)
+    return FEED_FORWARDS[activation](d_model, d_ff, **kwargs)

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.layers.initializers import INIT_STD
-from jaxlm.layers.mlp import ACTIVATIONS, feed_forward
+from jaxlm.axis_names import EMBED, EXPERT, MLP
+from jaxlm.layers.initializers import INIT_STD, dense, param
+from jaxlm.layers.mlp import feed_forward
 from jaxlm.layers.validation import check_positive, check_positive_float
 from jaxlm.ops import moe as moe_ops
 from jaxlm.ops.moe import MoEAux
+from jaxlm.typing import Arr, Hidden
 
 
 class RouterBias(nnx.Variable):
@@ -22,11 +24,12 @@ class RouterBias(nnx.Variable):
 
 
 def _linear_f32(d_in: int, d_out: int, *, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    """A bias-free Linear computing in float32 at HIGHEST precision: routing decisions and gates
-    are sensitive to rounding, so they never drop to bf16 or TF32 passes."""
-    return nnx.Linear(
-        d_in, d_out, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,
-        precision=jax.lax.Precision.HIGHEST, kernel_init=nnx.initializers.normal(INIT_STD), rngs=rngs,
+    """A bias-free Linear [D, d_out] computing in float32 at HIGHEST precision: routing decisions
+    and gates are sensitive to rounding, so they never drop to bf16 or TF32 passes. Its outputs
+    (one logit per expert, or the shared gate) are needed whole by every token: not sharded."""
+    return dense(
+        d_in, d_out, axes=(EMBED, None), dtype=jnp.float32, param_dtype=param_dtype,
+        precision=jax.lax.Precision.HIGHEST, rngs=rngs,
     )
 
 
@@ -97,8 +100,7 @@ class MoE(nnx.Module):
         moe_ops.check_router(router)
         moe_ops.check_capacity_factor(capacity_factor)
         moe_ops.check_grouped_impl(impl)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        moe_ops.check_activation(activation)
         check_positive_float(routed_scale=routed_scale)
 
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
@@ -108,9 +110,10 @@ class MoE(nnx.Module):
         self.router = _linear_f32(d_model, num_experts, param_dtype=param_dtype, rngs=rngs)
         init = nnx.initializers.normal(INIT_STD)
         gated = activation == "swiglu"
-        self.w_gate = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype)) if gated else None
-        self.w_up = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype))
-        self.w_down = nnx.Param(init(rngs.params(), (num_experts, d_ff, d_model), param_dtype))
+        up_axes, down_axes = (EXPERT, EMBED, MLP), (EXPERT, MLP, EMBED)
+        self.w_gate = param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype), up_axes) if gated else None
+        self.w_up = param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype), up_axes)
+        self.w_down = param(init(rngs.params(), (num_experts, d_ff, d_model), param_dtype), down_axes)
         # Each optional part is assigned once, as a module or None (NNX fixes an attribute's kind
         # on its first assignment).
         width = num_shared_experts * shared_d_ff
@@ -119,9 +122,11 @@ class MoE(nnx.Module):
             if num_shared_experts else None
         )
         self.shared_gate = _linear_f32(d_model, 1, param_dtype=param_dtype, rngs=rngs) if shared_expert_gate else None
-        self.selection_bias = RouterBias(jnp.zeros((num_experts,), jnp.float32)) if use_selection_bias else None
+        self.selection_bias = (
+            param(jnp.zeros((num_experts,), jnp.float32), (None,), RouterBias) if use_selection_bias else None
+        )
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEAux]:
+    def __call__(self, x: Arr) -> tuple[Hidden, MoEAux]:
         """x: [B, T, D] -> (y [B, T, D] in dtype, MoEAux)."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [B, T, D={self.d_model}], got shape {x.shape}")
@@ -148,7 +153,7 @@ class MoE(nnx.Module):
             y = (y.astype(jnp.float32) + shared).astype(self.dtype)
         return y.reshape(b, t, d), aux
 
-    def update_selection_bias(self, expert_counts: jax.Array, rate: float) -> None:
+    def update_selection_bias(self, expert_counts: jax.Array, rate: float | jax.Array) -> None:
         """One auxiliary-loss-free balancing step from aux.expert_counts [E] with step γ = rate."""
         if self.selection_bias is None:
             raise ValueError("update_selection_bias needs MoE(..., use_selection_bias=True)")

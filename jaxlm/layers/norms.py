@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.layers.initializers import param
 from jaxlm.layers.validation import check_divides, check_positive, check_positive_float
+from jaxlm.typing import Features
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float, zero_centered: bool = False) -> jax.Array:
@@ -69,9 +71,9 @@ class RMSNorm(nnx.Module):
         self.zero_centered = zero_centered
         self.dtype = dtype
         init = jnp.zeros if zero_centered else jnp.ones
-        self.weight = nnx.Param(init((dim,), param_dtype))
+        self.weight = param(init((dim,), param_dtype), (None,))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: Features) -> Features:
         """x: [..., dim] -> [..., dim] in the compute dtype."""
         return rms_norm(x, self.weight[...], eps=self.eps, zero_centered=self.zero_centered).astype(self.dtype)
 
@@ -98,9 +100,9 @@ class GatedRMSNorm(nnx.Module):
         self.norm_before_gate = norm_before_gate
         self.group_size = group_size
         self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.weight = param(jnp.ones((dim,), param_dtype), (None,))
 
-    def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
+    def __call__(self, x: Features, z: Features) -> Features:
         """x, z: [..., dim] -> [..., dim] in the compute dtype."""
         y = gated_rms_norm(
             x, z, self.weight[...], eps=self.eps, norm_before_gate=self.norm_before_gate, group_size=self.group_size

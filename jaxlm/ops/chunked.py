@@ -18,7 +18,8 @@ group of chunks at once rather than for the whole sequence.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

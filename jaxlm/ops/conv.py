@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.ops import validation
+from jaxlm.ops import nonfinite, validation
 from jaxlm.ops.sequence import segment_starts
+from jaxlm.typing import ConvBias, ConvState, ConvWeight, Hidden, SegmentIds, no_type_check
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, None: lambda x: x}
 
@@ -44,16 +45,17 @@ def _check_args(x, weight, bias, activation, initial_state, output_final_state, 
     validation.check_segment_ids(segment_ids, b, t)
 
 
+@no_type_check
 def causal_conv1d(
-    x: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None = None,
+    x: Hidden,
+    weight: ConvWeight,
+    bias: ConvBias | None = None,
     *,
     activation: str | None = "silu",
-    initial_state: jax.Array | None = None,
+    initial_state: ConvState | None = None,
     output_final_state: bool = False,
-    segment_ids: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array | None]:
+    segment_ids: SegmentIds | None = None,
+) -> tuple[Hidden, ConvState | None]:
     """Causal depthwise 1-D convolution over time, with an optional activation.
 
     Args:
@@ -66,7 +68,8 @@ def causal_conv1d(
     Returns:
       y [B, T, D] in x's dtype, and the final state [B, W-1, D] in float32 (or None): the last
       W-1 inputs, with those outside the last token's document zeroed so that decoding
-      continues that document alone. Accumulation is float32.
+      continues that document alone. Accumulation is float32. A non-finite input makes exactly
+      the outputs whose window holds it NaN, and stays in the state while it is in the window.
     """
     _check_args(x, weight, bias, activation, initial_state, output_final_state, segment_ids)
     b, t, d = x.shape
@@ -83,12 +86,19 @@ def causal_conv1d(
 
     w = weight.astype(f32)
     y = jnp.zeros((b, t, d), f32) if bias is None else jnp.broadcast_to(bias.astype(f32), (b, t, d))
+    # Non-finite inputs are summed as zeros and put back where they reach (ops.nonfinite): with
+    # masks alone, the weight's gradient would still take 0·NaN from every masked tap.
+    finite_p = jnp.isfinite(xp)
+    xp_finite = jnp.where(finite_p, xp, 0.0)
+    clean = None  # [B, T, D]: every tap of t's window in its document is finite
     for i in range(width):
-        tap = xp[:, i : i + t]
+        tap, finite = xp_finite[:, i : i + t], finite_p[:, i : i + t]
         if segment_ids is not None:
-            tap = jnp.where((doc_p[:, i : i + t] == doc)[..., None], tap, 0.0)
+            same = (doc_p[:, i : i + t] == doc)[..., None]
+            tap, finite = jnp.where(same, tap, 0.0), finite | ~same
         y = y + w[:, i] * tap
-    y = _ACTIVATIONS[activation](y).astype(x.dtype)
+        clean = finite if clean is None else clean & finite
+    y = jnp.where(clean, _ACTIVATIONS[activation](y), jnp.nan).astype(x.dtype)
 
     if not output_final_state:
         return y, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxlm.ops.sequence import RESET_LOG_DECAY
 
@@ -27,7 +28,7 @@ def chunk_cumsums(g: jax.Array, reset: jax.Array) -> tuple[jax.Array, jax.Array]
     return b, count
 
 
-def masked_decay(b_later: jax.Array, b_earlier: jax.Array, keep: jax.Array) -> jax.Array:
+def masked_decay(b_later: ArrayLike, b_earlier: ArrayLike, keep: jax.Array) -> jax.Array:
     """exp(b_later - b_earlier) where keep, else 0; the mask is applied before exp as well, so a
     masked entry never overflows nor sends a NaN into the gradient."""
     return jnp.where(keep, jnp.exp(jnp.where(keep, b_later - b_earlier, 0.0)), 0.0)

@@ -1,10 +1,12 @@
-"""Plumbing shared by every linear-recurrence op: input canonicalisation, impl choice, the
-chunk-form and Pallas-kernel drivers and output finishing. The math of each op lives in its own
-folder (and, for the kernels, in kernels_pallas)."""
+"""Plumbing shared by every linear-recurrence op: input canonicalisation, the default form lists,
+the chunk-form and Pallas-kernel drivers and output finishing. The math of each op lives in its
+own folder (and, for the kernels, in kernels_pallas); each family's forms are registered in a
+``dispatch.FormTable`` in its api.py."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,9 @@ import jax.numpy as jnp
 import kernels_pallas.delta
 import kernels_pallas.gla
 import kernels_pallas.simple_gla
-from jaxlm.ops import validation
+from jaxlm.ops import nonfinite, validation
 from jaxlm.ops.chunked import run_chunked
+from jaxlm.ops.dispatch import FormTable, FormUnavailable
 from jaxlm.ops.gate_cumsum import chunk_cumsums
 from jaxlm.ops.sequence import (
     effective_chunk_size,
@@ -23,52 +26,89 @@ from jaxlm.ops.sequence import (
     segment_starts,
     to_chunks,
 )
+from jaxlm.typing import QK, Beta, HeadQK, Resets, ScalarGate, SegmentIds, State, Values, VectorGate
 
 
 class Canonical(NamedTuple):
     """Float32 inputs with q/k expanded to the HV value heads and q already scaled."""
 
-    q: jax.Array  # [B, T, HV, K]
-    k: jax.Array  # [B, T, HV, K]
-    v: jax.Array  # [B, T, HV, V]
-    reset: jax.Array  # [B, T] bool
-    s0: jax.Array  # [B, HV, K, V]
+    q: HeadQK  # [B, T, HV, K]
+    k: HeadQK  # [B, T, HV, K]
+    v: Values  # [B, T, HV, V]
+    reset: Resets  # [B, T] bool
+    s0: State  # [B, HV, K, V]
 
 
-def check_common(q, k, v, *, scale, initial_state, segment_ids, impl, chunk_size):
-    """Validates the arguments every recurrence shares. Returns (B, T, H, K, HV, V)."""
+# impl=None: XLA's chunk form on the CPU; the Pallas kernel first on GPU and TPU, the chunk form
+# where the kernel cannot take the inputs.
+RECURRENCE_DEFAULTS = {"cpu": ("chunk",), "gpu": ("pallas", "chunk"), "tpu": ("pallas", "chunk")}
+
+
+def check_common(q, k, v, *, forms: FormTable, scale, initial_state, segment_ids, impl, chunk_size):
+    """Validates the arguments every recurrence shares, impl against the family's ``forms``.
+    Returns (B, T, H, K, HV, V)."""
     dims = validation.check_qkv(q, k, v)
     b, t, _, dk, hv, dv = dims
     validation.check_scale(scale)
     validation.check_initial_state(initial_state, (b, hv, dk, dv))
     validation.check_segment_ids(segment_ids, b, t)
-    validation.check_impl(impl, validation.RECURRENCE_IMPLS)
+    forms.candidates(impl)
     validation.check_chunk_size(chunk_size)
     return dims
 
 
-def canonicalize(q, k, v, *, scale, initial_state, segment_ids) -> Canonical:
+def canonicalize(
+    q: QK,
+    k: QK,
+    v: Values,
+    *,
+    scale: float | None,
+    initial_state: State | None,
+    segment_ids: SegmentIds | None,
+    log_gate: ScalarGate | VectorGate | None = None,
+    beta: Beta | None = None,
+) -> tuple[Canonical, ScalarGate | VectorGate | None, Beta | None, nonfinite.Poison]:
+    """The inputs as every form takes them, with non-finite values isolated (ops.nonfinite).
+
+    log_gate: [B, T, HV] or [B, T, HV, K] log decays, or None; beta: [B, T, HV] or None.
+    Returns (Canonical, the gate and beta in float32 or None, and the Poison the non-finite
+    inputs leave on the outputs). Every array handed on is finite.
+    """
     b, t, h, dk = q.shape
     hv, dv = v.shape[2:]
+    groups = hv // h
     scale = dk**-0.5 if scale is None else scale
     f32 = jnp.float32
-    q = repeat_heads(q.astype(f32) * scale, hv // h)
-    k = repeat_heads(k.astype(f32), hv // h)
+    q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
     s0 = jnp.zeros((b, hv, dk, dv), f32) if initial_state is None else initial_state.astype(f32)
-    return Canonical(q, k, v.astype(f32), segment_starts(segment_ids, b, t), s0)
+    reset = segment_starts(segment_ids, b, t)
 
+    (q, query_bad), (k, key_bad), (v, value_bad) = (nonfinite.isolate(x, 3) for x in (q, k, v))
+    s0, state_bad = nonfinite.isolate(s0, 2)
+    query_bad = repeat_heads(query_bad, groups)
+    write_bad = repeat_heads(key_bad, groups) | value_bad
+    if log_gate is not None:
+        log_gate = log_gate.astype(f32)
+        bad_gate = nonfinite.bad_log_gate(log_gate)
+        write_bad = write_bad | nonfinite.any_trailing(bad_gate, 3)
+        log_gate = jnp.where(bad_gate, 0.0, log_gate)
+    if beta is not None:
+        beta = beta.astype(f32)
+        beta, beta_bad = nonfinite.isolate(beta, 3)
+        write_bad = write_bad | beta_bad
+    reached = nonfinite.reached_in_document(write_bad, reset, state_bad)
+    poison = nonfinite.Poison(output=reached | query_bad, final_state=reached[:, -1])
 
-def resolve_impl(impl: str | None, op: str) -> str:
-    """The form to run. ``None`` picks the chunk form: on every platform it is the fastest
-    correct form measured so far (experiments/RESULTS.md); the Pallas kernels run only when asked
-    for with ``impl="pallas"`` (interpret mode on CPU) until a benchmark shows them faster."""
-    del op  # every recurrence op has every form
-    return "chunk" if impl is None else impl
+    q = repeat_heads(q * scale, groups)
+    k = repeat_heads(k, groups)
+    c = Canonical(q, k, v, reset, s0)
+    return c, log_gate, beta, poison
 
 
 def run_chunk_form(
-    prepare: Callable, advance: Callable, readout: Callable, per_token: tuple, reset, s0, chunk_size: int
-):
+    prepare: Callable, advance: Callable, readout: Callable, per_token: tuple, reset: Resets, s0: State,
+    chunk_size: int,
+) -> tuple[Values, State]:
     """Pads [B, T, ...] inputs to whole chunks, runs the chunked recurrence, trims the output.
 
     per_token: float arrays [B, T, ...]; padding tokens are zeros, which leave the state as is.
@@ -88,6 +128,9 @@ _PALLAS_KERNELS = {
 }
 # Kernel tiles are powers of two of at least this size (Triton's smallest matmul side).
 KERNEL_MIN_TILE = 16
+# The widest (padded) K or V the kernels take: a program holds a [K, V-block] state and [C, K]
+# tiles of q and k, which past 256 no longer fit a GPU's registers or a TPU core's VMEM budget.
+KERNEL_MAX_HEAD_DIM = 256
 
 
 def _padded_dim(d: int) -> int:
@@ -113,18 +156,23 @@ def _kernel_cumsums(g: jax.Array, reset: jax.Array, chunk: int):
     return b.reshape(shape), count.reshape(shape)
 
 
-def run_pallas(family: str, c: Canonical, g: jax.Array, chunk_size: int, beta: jax.Array | None = None):
-    """Runs the Pallas kernel of an op family ("simple_gla", "gla" or "delta").
+def run_pallas(
+    family: str, c: Canonical, g: ScalarGate | VectorGate, chunk_size: int, beta: Beta | None = None
+) -> tuple[Values, State]:
+    """Runs the Pallas kernel of an op family ("simple_gla", "gla" or "delta"); raises
+    FormUnavailable for head dims past KERNEL_MAX_HEAD_DIM.
 
     g: [B, T, HV] scalar or [B, T, HV, K] vector log gates, float32; beta: [B, T, HV] for the
     delta rules. The kernel layout is [B*HV, T, D] with T padded to whole chunks (of at least 16
     tokens) and K, V padded with zeros to powers of two >= 16; zero keys and values leave the
     state as it is, so the padding changes nothing. Returns o [B, T, HV, V] and the final state.
     """
-    module, name = _PALLAS_KERNELS[family]
-    kernel = getattr(module, name)
     b, t, hv, dk = c.q.shape
     dv = c.v.shape[-1]
+    if max(dk, dv) > KERNEL_MAX_HEAD_DIM:
+        raise FormUnavailable(f"the kernels take head dims up to {KERNEL_MAX_HEAD_DIM}, got K={dk}, V={dv}")
+    module, name = _PALLAS_KERNELS[family]
+    kernel = getattr(module, name)
     chunk = max(KERNEL_MIN_TILE, effective_chunk_size(chunk_size, t))
     length = -(-t // chunk) * chunk
     kp, vp = _padded_dim(dk), _padded_dim(dv)
@@ -144,6 +192,36 @@ def run_pallas(family: str, c: Canonical, g: jax.Array, chunk_size: int, beta: j
     return o, s.reshape(b, hv, kp, vp)[:, :, :dk, :dv]
 
 
-def finish(o: jax.Array, s_final: jax.Array, v_dtype: Any, output_final_state: bool):
-    """o in v's dtype; the final state float32, or None when not asked for."""
+def run_forms(
+    forms: Any,
+    impl: Any,
+    q: QK,
+    k: QK,
+    v: Values,
+    *,
+    scale: float | None,
+    initial_state: State | None,
+    segment_ids: SegmentIds | None,
+    chunk_size: int,
+    output_final_state: bool,
+    log_gate: ScalarGate | VectorGate | None = None,
+    beta: Beta | None = None,
+) -> tuple[Values, State | None]:
+    """The shared body of the public recurrences, after their arguments are validated:
+    canonicalise, run the form ``impl`` picks from ``forms`` (an ops.dispatch.FormTable) on
+    (canonical inputs, log_gate, beta), those given, and finish."""
+    c, log_gate, beta, poison = canonicalize(
+        q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids, log_gate=log_gate, beta=beta
+    )
+    gates = tuple(x for x in (log_gate, beta) if x is not None)
+    o, s = forms.run(impl, c, *gates, chunk_size=chunk_size)
+    return finish(o, s, poison, v.dtype, output_final_state)
+
+
+def finish(
+    o: Values, s_final: State, poison: nonfinite.Poison, v_dtype: Any, output_final_state: bool
+) -> tuple[Values, State | None]:
+    """o in v's dtype and the final state float32 (or None when not asked for), each NaN where
+    the poison reaches."""
+    o, s_final = poison.apply(o, s_final)
     return o.astype(v_dtype), (s_final if output_final_state else None)

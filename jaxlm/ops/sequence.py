@@ -9,13 +9,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.typing import Resets, SegmentIds
+
 # A log decay at or below this is treated as a full reset by the chunk form: exp(-30) ~ 1e-13
 # is below float32 resolution relative to the current token's own term, and restarting the gate
 # cumsum there keeps later differences b_t - b_s exact instead of cancelling two huge numbers.
 RESET_LOG_DECAY = -30.0
 
 
-def segment_starts(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
+def segment_starts(segment_ids: SegmentIds | None, batch: int, length: int) -> Resets:
     """[B, T] bool: True at t > 0 where a new document begins. The first token never resets,
     so that ``initial_state`` applies to the first segment of each row."""
     if segment_ids is None:

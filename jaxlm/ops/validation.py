@@ -2,18 +2,20 @@
 
 Each check raises ``ValueError`` naming the argument and what was expected, so a wrong call
 fails loudly instead of broadcasting into a silent wrong answer. Value checks (such as g <= 0)
-run only on concrete arrays; under ``jax.jit`` the values are unknown and only shapes are checked.
+run on concrete arrays; under ``jax.jit`` the values are unknown and only shapes are checked,
+unless the call is traced by ``ops.checked`` (checked.py), which compiles the value checks in.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-RECURRENCE_IMPLS = ("recurrent", "associative", "chunk", "pallas")
+from jaxlm.ops.checked import check_value
 
 
 def is_concrete(x: Any) -> bool:
@@ -25,7 +27,7 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
-def check_rank(name: str, x: Any, rank: int, letters: str) -> tuple[int, ...]:
+def check_rank(name: str, x: Any, rank: int, letters: str | Sequence[str]) -> tuple[int, ...]:
     shape = _shape(x)
     if len(shape) != rank:
         raise ValueError(f"{name} must have shape [{', '.join(letters)}] (rank {rank}), got shape {shape}")
@@ -75,6 +77,8 @@ def check_log_gate(name: str, g: Any, expected: Sequence[int], letters: str) -> 
             raise ValueError(f"{name} contains NaN; gates must be log decays <= 0")
         if (values > 0).any():
             raise ValueError(f"{name} must be a natural-log decay <= 0, got a maximum of {values.max():g}")
+    else:
+        check_value(g <= 0, f"{name} must be a natural-log decay <= 0 (no NaN), got a maximum of {{}}", jnp.max(g))
 
 
 def check_beta(beta: Any, expected: Sequence[int]) -> None:
@@ -84,6 +88,8 @@ def check_beta(beta: Any, expected: Sequence[int]) -> None:
         values = np.asarray(jnp.asarray(beta, jnp.float32))
         if not np.isfinite(values).all():
             raise ValueError("beta must be finite")
+    else:
+        check_value(jnp.isfinite(beta), "beta must be finite")
 
 
 def check_initial_state(initial_state: Any, expected: Sequence[int]) -> None:
@@ -116,8 +122,3 @@ def check_scale(scale: Any) -> None:
         raise ValueError(f"scale must be a Python float or None, got {type(scale).__name__}")
     if not np.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-
-
-def check_impl(impl: Any, allowed: Sequence[str]) -> None:
-    if impl is not None and impl not in allowed:
-        raise ValueError(f"impl must be None or one of {list(allowed)}, got {impl!r}")

@@ -15,6 +15,20 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxlm.typing import (
+    QK,
+    AttnKeys,
+    AttnOut,
+    AttnValues,
+    Documents,
+    HeadMajorKeys,
+    HeadMajorValues,
+    KeyDocuments,
+    KeyPositions,
+    QueryPositions,
+    SegmentIds,
+)
+
 # Query rows per block once T exceeds it. 512 rows keeps a block's scores at 512·S·H floats.
 QUERY_BLOCK = 512
 
@@ -113,16 +127,16 @@ def attend_by_query_blocks(qg, k, v, q_pos, q_doc, mask_fn, scale, block: int):
 
 
 def attention_xla(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    q: QK,
+    k: AttnKeys,
+    v: AttnValues,
     *,
     causal: bool,
     scale: float,
     window: int | None,
-    segment_ids: jax.Array | None,
+    segment_ids: SegmentIds | None,
     block_size: int | None = None,
-) -> jax.Array:
+) -> AttnOut:
     """Exact softmax attention on validated inputs.
 
     q: [B, T, H, D]; k: [B, S, Hk, D]; v: [B, S, Hk, Dv] with H a multiple of Hk; segment_ids
@@ -152,3 +166,42 @@ def _attention_xla(q, k, v, segment_ids, *, causal, scale, window, block):
 
     o = attend_by_query_blocks(qg, kf, vf, jnp.arange(t), segment_ids, mask_fn, scale, block)
     return o.reshape(b, t, h, -1).astype(v.dtype)
+
+
+def masked_attention(
+    q: QK,
+    k: HeadMajorKeys,
+    v: HeadMajorValues,
+    q_pos: QueryPositions,
+    q_doc: Documents,
+    k_pos: KeyPositions,
+    k_doc: KeyDocuments,
+    *,
+    scale: float,
+    window: int | None,
+    block_size: int | None = None,
+) -> AttnOut:
+    """Softmax attention where query t reads key s iff they share a document, s's position is at
+    most t's, and (with a window) t − s < window: the XLA form of ``ops.cached_attention``.
+
+    q: [B, T, H, K]; k: [B, Hk, S, K] and v: [B, Hk, S, V], head-major like the KV cache; q_pos:
+    [T] and k_pos: [S] int positions (a negative key position marks an empty slot); q_doc: [B, T]
+    and k_doc: [B, S] int document numbers. block_size: queries per block once T exceeds it
+    (default ``QUERY_BLOCK``: a long prefill holds one block's scores).
+    Returns [B, T, H, V] in v's dtype; float32 softmax with masks applied by ``where``.
+    """
+    b, t, h, dk = q.shape
+    hk, dv = k.shape[1], v.shape[3]
+    qg = q.astype(jnp.float32).reshape(b, t, hk, h // hk, dk)
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+
+    def mask_fn(qpos_b, qdoc_b):  # [Tb], [B, Tb] -> [B, 1, 1, Tb, S]
+        diff = qpos_b[:, None] - k_pos[None, :]  # [Tb, S]
+        visible = (diff >= 0) & (k_pos >= 0)[None, :]
+        if window is not None:
+            visible = visible & (diff < window)
+        return ((qdoc_b[:, :, None] == k_doc[:, None, :]) & visible[None])[:, None, None]
+
+    rows = QUERY_BLOCK if block_size is None else block_size
+    o = attend_by_query_blocks(qg, kf, vf, q_pos, q_doc, mask_fn, scale, rows)
+    return o.reshape(b, t, h, dv).astype(v.dtype)

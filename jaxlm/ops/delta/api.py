@@ -8,7 +8,6 @@ Shapes follow the "Ops API" section of the design document.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxlm.ops import linear_recurrence as lr
@@ -16,36 +15,51 @@ from jaxlm.ops import validation
 from jaxlm.ops.delta import chunk
 from jaxlm.ops.delta.associative import delta_associative
 from jaxlm.ops.delta.recurrent import delta_recurrent
+from jaxlm.ops.dispatch import FormTable, Impl
+from jaxlm.typing import QK, Beta, ScalarGate, SegmentIds, State, Values, no_type_check
 
-_TOKEN_FORMS = {"recurrent": delta_recurrent, "associative": delta_associative}
-
-
-def _run(op: str, c: lr.Canonical, g: jax.Array, beta: jax.Array, impl, chunk_size: int):
-    """g, beta: [B, T, HV] float32."""
-    impl = lr.resolve_impl(impl, op)
-    if impl == "pallas":
-        return lr.run_pallas("delta", c, g, chunk_size, beta)
-    if impl == "chunk":
-        return lr.run_chunk_form(
-            chunk.prepare, chunk.advance, chunk.readout, (c.q, c.k, c.v, g, beta), c.reset, c.s0, chunk_size
-        )
-    return _TOKEN_FORMS[impl](c.q, c.k, c.v, g, beta, c.reset, c.s0)
+# Every form: (c: Canonical, g [B, T, HV] log gates, beta [B, T, HV], float32, *, chunk_size)
+# -> (o [B, T, HV, V] float32, final state [B, HV, K, V]).
 
 
+def _recurrent(c: lr.Canonical, g: ScalarGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+    return delta_recurrent(c.q, c.k, c.v, g, beta, c.reset, c.s0)
+
+
+def _associative(c: lr.Canonical, g: ScalarGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+    return delta_associative(c.q, c.k, c.v, g, beta, c.reset, c.s0)
+
+
+def _chunk(c: lr.Canonical, g: ScalarGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+    per_token = (c.q, c.k, c.v, g, beta)
+    return lr.run_chunk_form(chunk.prepare, chunk.advance, chunk.readout, per_token, c.reset, c.s0, chunk_size)
+
+
+def _pallas(c: lr.Canonical, g: ScalarGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+    return lr.run_pallas("delta", c, g, chunk_size, beta)
+
+
+# delta_rule is gated_delta_rule with g = 0: the same forms, a table each for the messages.
+_FORMS = {"recurrent": _recurrent, "associative": _associative, "chunk": _chunk, "pallas": _pallas}
+GATED_DELTA_RULE_FORMS = FormTable("gated_delta_rule", _FORMS, lr.RECURRENCE_DEFAULTS)
+DELTA_RULE_FORMS = FormTable("delta_rule", _FORMS, lr.RECURRENCE_DEFAULTS)
+
+
+@no_type_check
 def gated_delta_rule(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    g: jax.Array,
-    beta: jax.Array,
+    q: QK,
+    k: QK,
+    v: Values,
+    g: ScalarGate,
+    beta: Beta,
     *,
     scale: float | None = None,
-    initial_state: jax.Array | None = None,
+    initial_state: State | None = None,
     output_final_state: bool = False,
-    segment_ids: jax.Array | None = None,
-    impl: str | None = None,
+    segment_ids: SegmentIds | None = None,
+    impl: Impl = None,
     chunk_size: int = 64,
-) -> tuple[jax.Array, jax.Array | None]:
+) -> tuple[Values, State | None]:
     """Gated delta rule (Gated DeltaNet, Qwen3-Next's linear layers).
 
     Args:
@@ -56,34 +70,38 @@ def gated_delta_rule(
       initial_state: [B, HV, K, V], applied to the first segment of each row.
       output_final_state: also return the final state [B, HV, K, V] in float32.
       segment_ids: [B, T] ints of packed documents; the state resets where the id changes.
-      impl: "recurrent", "associative", "chunk", "pallas" or None (fastest available).
+      impl: a form ("recurrent", "associative", "chunk", "pallas"), a sequence of forms tried in
+        order, or None for the platform's default list (see ops.dispatch).
       chunk_size: a positive power of two, for the chunk form.
     Returns:
       o [B, T, HV, V] in v's dtype, and the final state or None.
     """
     b, t, _, _, hv, _ = lr.check_common(
-        q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl=impl, chunk_size=chunk_size
+        q, k, v, forms=GATED_DELTA_RULE_FORMS, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+        impl=impl, chunk_size=chunk_size,
     )
     validation.check_log_gate("g", g, (b, t, hv), "B,T,HV")
     validation.check_beta(beta, (b, t, hv))
-    c = lr.canonicalize(q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids)
-    o, s = _run("gated_delta_rule", c, g.astype(jnp.float32), beta.astype(jnp.float32), impl, chunk_size)
-    return lr.finish(o, s, v.dtype, output_final_state)
+    return lr.run_forms(
+        GATED_DELTA_RULE_FORMS, impl, q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+        chunk_size=chunk_size, output_final_state=output_final_state, log_gate=g, beta=beta,
+    )
 
 
+@no_type_check
 def delta_rule(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    beta: jax.Array,
+    q: QK,
+    k: QK,
+    v: Values,
+    beta: Beta,
     *,
     scale: float | None = None,
-    initial_state: jax.Array | None = None,
+    initial_state: State | None = None,
     output_final_state: bool = False,
-    segment_ids: jax.Array | None = None,
-    impl: str | None = None,
+    segment_ids: SegmentIds | None = None,
+    impl: Impl = None,
     chunk_size: int = 64,
-) -> tuple[jax.Array, jax.Array | None]:
+) -> tuple[Values, State | None]:
     """Delta rule (DeltaNet): the gated delta rule with no decay, g = 0.
 
     Args:
@@ -94,10 +112,11 @@ def delta_rule(
       o [B, T, HV, V] in v's dtype, and the final state [B, HV, K, V] float32 or None.
     """
     b, t, _, _, hv, _ = lr.check_common(
-        q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl=impl, chunk_size=chunk_size
+        q, k, v, forms=DELTA_RULE_FORMS, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl=impl,
+        chunk_size=chunk_size,
     )
     validation.check_beta(beta, (b, t, hv))
-    c = lr.canonicalize(q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids)
-    g = jnp.zeros((b, t, hv), jnp.float32)
-    o, s = _run("delta_rule", c, g, beta.astype(jnp.float32), impl, chunk_size)
-    return lr.finish(o, s, v.dtype, output_final_state)
+    return lr.run_forms(
+        DELTA_RULE_FORMS, impl, q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+        chunk_size=chunk_size, output_final_state=output_final_state, log_gate=jnp.zeros((b, t, hv), jnp.float32), beta=beta,
+    )

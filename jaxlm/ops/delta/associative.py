@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.typing import Beta, HeadQK, Resets, ScalarGate, State, Values
+
 HIGHEST = "highest"
 
 
@@ -25,7 +27,9 @@ def _compose(earlier, later):
     return a, b
 
 
-def delta_associative(q, k, v, g, beta, reset, s0):
+def delta_associative(
+    q: HeadQK, k: HeadQK, v: Values, g: ScalarGate, beta: Beta, reset: Resets, s0: State
+) -> tuple[Values, State]:
     """Same contract as ``delta_recurrent``."""
     dk = k.shape[-1]
     keep = jnp.where(reset[:, :, None], 0.0, jnp.exp(g))  # [B, T, HV]

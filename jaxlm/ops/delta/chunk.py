@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.ops.gate_cumsum import chunk_cumsums, masked_decay
+from jaxlm.typing import ChunkMatrix, ChunkValues, State
 
 HIGHEST = "highest"
 
@@ -49,7 +50,7 @@ def _unit_lower_inverse(a: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def unit_lower_inverse(a: jax.Array) -> jax.Array:
+def unit_lower_inverse(a: ChunkMatrix) -> ChunkMatrix:
     """(I + A)^{-1} for A [..., C, C] strictly lower triangular.
 
     Written as a scan of row updates rather than LAPACK's trsm: on XLA:CPU the trsm custom call
@@ -107,13 +108,13 @@ def _written(aux, s):
     return u_prime - jnp.einsum("bchk,bhkv->bchv", w, s, precision=HIGHEST)
 
 
-def advance(aux, s):
+def advance(aux: tuple, s: State) -> State:
     k_to_end, chunk_decay = aux[3], aux[4]
     u = _written(aux, s)
     return chunk_decay[:, :, None, None] * s + jnp.einsum("bchk,bchv->bhkv", k_to_end, u, precision=HIGHEST)
 
 
-def readout(x, aux, s):
+def readout(x: tuple, aux: tuple, s: State) -> ChunkValues:
     q, k = x[0], x[1]
     query_decay = aux[2]
     _, _, decay = _decays(x)

@@ -8,8 +8,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.typing import Beta, HeadQK, Resets, ScalarGate, State, Values
 
-def delta_recurrent(q, k, v, g, beta, reset, s0):
+
+def delta_recurrent(
+    q: HeadQK, k: HeadQK, v: Values, g: ScalarGate, beta: Beta, reset: Resets, s0: State
+) -> tuple[Values, State]:
     """q, k: [B, T, HV, K] (q already scaled); v: [B, T, HV, V]; g, beta: [B, T, HV] float32;
     reset: [B, T] bool (state cleared before token t); s0: [B, HV, K, V] float32.
 

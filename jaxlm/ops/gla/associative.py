@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.typing import HeadQK, Resets, State, TokenGate, Values
+
 
 def _compose(earlier, later):
     a1, b1 = earlier
@@ -18,7 +20,9 @@ def _compose(earlier, later):
     return a1 * a2, a2 * b1 + b2
 
 
-def diagonal_associative(q, k, v, g, reset, s0):
+def diagonal_associative(
+    q: HeadQK, k: HeadQK, v: Values, g: TokenGate, reset: Resets, s0: State
+) -> tuple[Values, State]:
     """Same contract as ``diagonal_recurrent``."""
     decay = jnp.where(reset[:, :, None, None], 0.0, jnp.exp(g))[..., None]  # [B,T,HV,K|1,1]
     update = k[..., :, None] * v[..., None, :]  # [B,T,HV,K,V]

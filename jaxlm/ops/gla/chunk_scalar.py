@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxlm.ops.gate_cumsum import chunk_cumsums, masked_decay
+from jaxlm.typing import ChunkValues, State
 
 HIGHEST = "highest"
 
@@ -36,12 +37,12 @@ def prepare(x):
     return chunk_decay, update
 
 
-def advance(aux, s):
+def advance(aux: tuple, s: State) -> State:
     chunk_decay, update = aux
     return chunk_decay[:, :, None, None] * s + update
 
 
-def readout(x, aux, s):
+def readout(x: tuple, aux: tuple, s: State) -> ChunkValues:
     q, k, v, _, _ = x
     c = q.shape[1]
     b, count = _cumsums(x)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxlm.ops.gate_cumsum import chunk_cumsums, masked_decay
+from jaxlm.typing import ChunkValues, State
 
 HIGHEST = "highest"
 SUB_CHUNK = 16
@@ -43,7 +44,7 @@ def prepare(x):
     return chunk_decay, update
 
 
-def advance(aux, s):
+def advance(aux: tuple, s: State) -> State:
     chunk_decay, update = aux
     return chunk_decay[..., None] * s + update
 
@@ -75,7 +76,7 @@ def _intra(q, k, v, b, count):
     return intra.reshape(batch, c, *intra.shape[3:])
 
 
-def readout(x, aux, s):
+def readout(x: tuple, aux: tuple, s: State) -> ChunkValues:
     q, k, v, _, _ = x
     b, count = _cumsums(x)
     query_decay = masked_decay(b, 0.0, count == 0)

@@ -10,8 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.typing import HeadQK, Resets, State, TokenGate, Values
 
-def diagonal_recurrent(q, k, v, g, reset, s0):
+
+def diagonal_recurrent(
+    q: HeadQK, k: HeadQK, v: Values, g: TokenGate, reset: Resets, s0: State
+) -> tuple[Values, State]:
     """q, k: [B, T, HV, K]; v: [B, T, HV, V]; g: [B, T, HV, 1 or K] float32 log decays;
     reset: [B, T] bool (state cleared before token t); s0: [B, HV, K, V] float32.
 

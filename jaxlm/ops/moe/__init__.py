@@ -18,6 +18,7 @@ from jaxlm.ops.moe.dropless import dropless_moe
 from jaxlm.ops.moe.expert_parallel import EXPERT_AXIS, expert_axis_size, expert_parallel_moe
 from jaxlm.ops.moe.experts import (
     ACTIVATIONS,
+    GROUPED_EXPERT_FORMS,
     GROUPED_IMPLS,
     batched_experts,
     check_activation,
@@ -32,6 +33,7 @@ from jaxlm.ops.moe.routing import ROUTERS, Routing, check_router, route
 __all__ = [
     "ACTIVATIONS",
     "EXPERT_AXIS",
+    "GROUPED_EXPERT_FORMS",
     "GROUPED_IMPLS",
     "ROUTERS",
     "MoEAux",

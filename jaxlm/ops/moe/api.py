@@ -12,12 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.ops.dispatch import Impl
 from jaxlm.ops.moe import balancing
 from jaxlm.ops.moe.capacity import capacity_moe, capacity_slots, check_capacity_factor, expert_capacity
 from jaxlm.ops.moe.dropless import dropless_moe
 from jaxlm.ops.moe.expert_parallel import EXPERT_AXIS, active_mesh, expert_axis_size, expert_parallel_moe, place
 from jaxlm.ops.moe.experts import check_activation, check_grouped_impl
 from jaxlm.ops.moe.routing import check_router, route
+from jaxlm.typing import DownWeights, ExpertBias, RouterLogits, Rows, UpWeights, no_type_check
 
 
 class MoEAux(NamedTuple):
@@ -70,21 +72,22 @@ def _check_shapes(x, logits, w_gate, w_up, w_down, selection_bias, activation) -
         raise ValueError(f"selection_bias must have shape [E={e}], got {np.shape(selection_bias)}")
 
 
+@no_type_check
 def moe(
-    x: jax.Array,
-    logits: jax.Array,
-    w_gate: jax.Array | None,
-    w_up: jax.Array,
-    w_down: jax.Array,
+    x: Rows,
+    logits: RouterLogits,
+    w_gate: UpWeights | None,
+    w_up: UpWeights,
+    w_down: DownWeights,
     *,
     top_k: int,
     router: str = "softmax_topk",
     renormalize: bool = False,
-    selection_bias: jax.Array | None = None,
+    selection_bias: ExpertBias | None = None,
     capacity_factor: float | None = None,
     activation: str = "swiglu",
-    impl: str | None = None,
-) -> tuple[jax.Array, MoEAux]:
+    impl: Impl = None,
+) -> tuple[Rows, MoEAux]:
     """Routed experts: y_n = Σ_j gate[n, j] · expert_{e[n, j]}(x_n) over the kept assignments.
 
     Args:
@@ -98,7 +101,8 @@ def moe(
       activation: the expert, one of experts.ACTIVATIONS: "swiglu",
         (silu(x·W_gate) ⊙ x·W_up)·W_down, or "relu2", relu(x·W_up)²·W_down (Nemotron-H). Every
         execution path (dropless, capacity, expert-parallel) takes either.
-      impl: the grouped-matmul form of dropless execution, None or one of GROUPED_IMPLS.
+      impl: the grouped-matmul form of dropless execution (experts.GROUPED_EXPERT_FORMS): a name,
+        a sequence of names, or None for the platform default.
     Returns:
       y [N, D] in x's dtype, and MoEAux.
 

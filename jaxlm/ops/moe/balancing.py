@@ -38,7 +38,7 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
     return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
 
 
-def update_selection_bias(bias: jax.Array, counts: jax.Array, rate: float) -> jax.Array:
+def update_selection_bias(bias: jax.Array, counts: jax.Array, rate: float | jax.Array) -> jax.Array:
     """DeepSeek-V3 auxiliary-loss-free balancing: one step of the selection-bias update.
 
     An overloaded expert (count above the mean) has its bias lowered by ``rate``, an

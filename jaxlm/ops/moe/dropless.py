@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops.dispatch import Impl
 from jaxlm.ops.moe.experts import grouped_experts
 
 
@@ -36,7 +37,7 @@ def run_experts(
     w_down: jax.Array,
     *,
     activation: str = "swiglu",
-    impl: str | None = None,
+    impl: Impl = None,
 ) -> jax.Array:
     """rows: [M, D]; ids: [M] in [0, E] (E: no expert); w_gate (None for "relu2"), w_up:
     [E, D, F]; w_down: [E, F, D]. Returns [M, D] float32, row m the output of expert ids[m] on
@@ -55,7 +56,7 @@ def dropless_moe(
     w_down: jax.Array,
     *,
     activation: str = "swiglu",
-    impl: str | None = None,
+    impl: Impl = None,
 ) -> jax.Array:
     """y_n = Σ_j weights[n, j] · expert_{experts[n, j]}(x_n), on one device.
 

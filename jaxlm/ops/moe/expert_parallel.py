@@ -34,10 +34,11 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.axis_names import BATCH_AXES, EXPERT
 from jaxlm.ops.moe.dropless import run_experts
 
-EXPERT_AXIS = "expert"
-TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes that split the tokens
+EXPERT_AXIS = EXPERT
+TOKEN_AXES = (*BATCH_AXES, EXPERT)  # mesh axes that split the tokens
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 

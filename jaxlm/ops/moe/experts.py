@@ -13,7 +13,7 @@ Layouts:
 - ``batched_experts``: E experts on E equal-size buffers (the capacity path);
 - ``grouped_experts``: G experts on rows sorted by expert, in groups of any size (dropless).
 
-``swiglu``, ``batched_swiglu`` and ``grouped_swiglu`` are the SwiGLU forms of the three.
+``swiglu`` and ``grouped_swiglu`` are the SwiGLU forms of ``expert`` and ``grouped_experts``.
 
 Products accumulate in float32 at HIGHEST precision, so TPU and GPU do not drop to bf16 or
 TF32 passes; the hidden activation is cast back to x's dtype before the down projection, as a
@@ -23,35 +23,38 @@ dense layer computing in that dtype would.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops.dispatch import FormTable, Impl
+from jaxlm.typing import Arr, DownWeights, ExpertRows, GroupSizes, Rows, UpWeights
+
 ACTIVATIONS = ("swiglu", "relu2")
-GROUPED_IMPLS = ("ragged_dot", "tiled")
 _HIGHEST = jax.lax.Precision.HIGHEST
 _MAX_TILE = 512  # largest tile of the "tiled" form: full matmul speed on CPU, bounded padding per group
 
 
-def check_activation(activation: str) -> None:
+def check_activation(activation: Any) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
 
 
-def check_grouped_impl(impl: str | None) -> None:
-    if impl is not None and impl not in GROUPED_IMPLS:
-        raise ValueError(f"impl must be None or one of {list(GROUPED_IMPLS)}, got {impl!r}")
+def check_grouped_impl(impl: Any) -> None:
+    """A ValueError unless impl names forms of GROUPED_EXPERT_FORMS (or is None)."""
+    GROUPED_EXPERT_FORMS.candidates(impl)
 
 
-def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+def _einsum(spec: str, a: Arr, b: Arr) -> jax.Array:
     return jnp.einsum(spec, a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _hidden(
-    dot: Callable[[jax.Array, jax.Array], jax.Array],
-    x: jax.Array,
-    w_gate: jax.Array | None,
-    w_up: jax.Array,
+    dot: Callable[[Arr, Arr], jax.Array],
+    x: Arr,
+    w_gate: Arr | None,
+    w_up: Arr,
     activation: str,
 ) -> jax.Array:
     """The hidden activation [..., F] float32, from ``dot(x, w)``, the layout's up product."""
@@ -61,9 +64,7 @@ def _hidden(
     return jax.nn.silu(dot(x, w_gate)) * up
 
 
-def expert(
-    x: jax.Array, w_gate: jax.Array | None, w_up: jax.Array, w_down: jax.Array, *, activation: str = "swiglu"
-) -> jax.Array:
+def expert(x: Arr, w_gate: Arr | None, w_up: Arr, w_down: Arr, *, activation: str = "swiglu") -> jax.Array:
     """One expert. x: [..., D]; w_gate (None for "relu2"), w_up: [D, F]; w_down: [F, D].
     Returns [..., D] float32."""
     h = _hidden(lambda a, w: _einsum("...d,df->...f", a, w), x, w_gate, w_up, activation)
@@ -71,76 +72,18 @@ def expert(
 
 
 def batched_experts(
-    x: jax.Array, w_gate: jax.Array | None, w_up: jax.Array, w_down: jax.Array, *, activation: str = "swiglu"
-) -> jax.Array:
+    x: ExpertRows, w_gate: UpWeights | None, w_up: UpWeights, w_down: DownWeights, *, activation: str = "swiglu"
+) -> ExpertRows:
     """Expert g on x[g]. x: [G, M, D]; w_gate (None for "relu2"), w_up: [G, D, F]; w_down: [G, F, D].
     Returns [G, M, D] float32."""
     h = _hidden(lambda a, w: _einsum("gmd,gdf->gmf", a, w), x, w_gate, w_up, activation)
     return _einsum("gmf,gfd->gmd", h.astype(x.dtype), w_down)
 
 
-def default_grouped_impl() -> str:
-    """XLA:CPU lowers ragged_dot to a masked product over every group (G times the work of the
-    rows themselves), so CPU gets the tiled form. On GPU and TPU jax emits XLA's ragged-dot
-    instruction, which compiles to a grouped matmul."""
-    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
-
-
-def grouped_experts(
-    x: jax.Array,
-    w_gate: jax.Array | None,
-    w_up: jax.Array,
-    w_down: jax.Array,
-    group_sizes: jax.Array,
-    *,
-    activation: str = "swiglu",
-    impl: str | None = None,
-) -> jax.Array:
-    """Expert g applied to its own run of rows.
-
-    Args:
-      x: [M, D] rows sorted by group: the first group_sizes[0] rows belong to expert 0, and so
-        on. Rows past sum(group_sizes) are padding.
-      w_gate (None for "relu2"), w_up: [G, D, F]. w_down: [G, F, D].
-      group_sizes: [G] int32, summing to at most M.
-      activation: one of ACTIVATIONS.
-      impl: "ragged_dot" (jax.lax.ragged_dot), "tiled" (fixed-size tiles, one expert each, as
-        a batched matmul) or None for default_grouped_impl().
-    Returns:
-      [M, D] float32; padding rows are zero.
-    """
-    check_activation(activation)
-    check_grouped_impl(impl)
-    if (impl or default_grouped_impl()) == "ragged_dot":
-        return _ragged_experts(x, w_gate, w_up, w_down, group_sizes, activation)
-    return _tiled_experts(x, w_gate, w_up, w_down, group_sizes, activation)
-
-
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """x: [..., D]; w_gate, w_up: [D, F]; w_down: [F, D]. Returns [..., D] float32."""
-    return expert(x, w_gate, w_up, w_down, activation="swiglu")
-
-
-def batched_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """x: [G, M, D]; w_gate, w_up: [G, D, F]; w_down: [G, F, D]. Expert g on x[g]: [G, M, D] float32."""
-    return batched_experts(x, w_gate, w_up, w_down, activation="swiglu")
-
-
-def grouped_swiglu(
-    x: jax.Array,
-    w_gate: jax.Array,
-    w_up: jax.Array,
-    w_down: jax.Array,
-    group_sizes: jax.Array,
-    *,
-    impl: str | None = None,
-) -> jax.Array:
-    """grouped_experts with SwiGLU experts: x [M, D], w_gate, w_up [G, D, F], w_down [G, F, D],
-    group_sizes [G] -> [M, D] float32."""
-    return grouped_experts(x, w_gate, w_up, w_down, group_sizes, activation="swiglu", impl=impl)
-
-
-def _ragged_experts(x, w_gate, w_up, w_down, group_sizes, activation):
+def _ragged_dot_experts(
+    x: Rows, w_gate: UpWeights | None, w_up: UpWeights, w_down: DownWeights, group_sizes: GroupSizes, *,
+    activation: str,
+) -> Rows:
     def dot(a, w):
         return jax.lax.ragged_dot(a, w, group_sizes, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
@@ -157,7 +100,10 @@ def _tile_rows(rows: int, groups: int) -> int:
     return min(_MAX_TILE, 1 << (mean - 1).bit_length())
 
 
-def _tiled_experts(x, w_gate, w_up, w_down, group_sizes, activation):
+def _tiled_experts(
+    x: Rows, w_gate: UpWeights | None, w_up: UpWeights, w_down: DownWeights, group_sizes: GroupSizes, *,
+    activation: str,
+) -> Rows:
     """Pads each group to whole tiles, so that every tile belongs to one expert, and runs the
     tiles as one batched matmul against their experts' gathered weights."""
     rows, width = x.shape
@@ -185,3 +131,61 @@ def _tiled_experts(x, w_gate, w_up, w_down, group_sizes, activation):
         activation=activation,
     )
     return out.reshape(num_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
+
+
+# Every form: (x [M, D], w_gate [G, D, F] or None, w_up [G, D, F], w_down [G, F, D], group_sizes
+# [G], *, activation) -> [M, D] float32. XLA:CPU lowers ragged_dot to a masked product over every
+# group (G times the work of the rows themselves), so the CPU runs the tiled form; on GPU and TPU
+# jax emits XLA's ragged-dot instruction, which compiles to a grouped matmul.
+GROUPED_EXPERT_FORMS = FormTable(
+    "grouped_experts",
+    {"ragged_dot": _ragged_dot_experts, "tiled": _tiled_experts},
+    {"cpu": ("tiled",), "gpu": ("ragged_dot",), "tpu": ("ragged_dot",)},
+)
+GROUPED_IMPLS = GROUPED_EXPERT_FORMS.names
+
+
+def grouped_experts(
+    x: Rows,
+    w_gate: UpWeights | None,
+    w_up: UpWeights,
+    w_down: DownWeights,
+    group_sizes: GroupSizes,
+    *,
+    activation: str = "swiglu",
+    impl: Impl = None,
+) -> Rows:
+    """Expert g applied to its own run of rows.
+
+    Args:
+      x: [M, D] rows sorted by group: the first group_sizes[0] rows belong to expert 0, and so
+        on. Rows past sum(group_sizes) are padding.
+      w_gate (None for "relu2"), w_up: [G, D, F]. w_down: [G, F, D].
+      group_sizes: [G] int32, summing to at most M.
+      activation: one of ACTIVATIONS.
+      impl: "ragged_dot" (jax.lax.ragged_dot), "tiled" (fixed-size tiles, one expert each, as
+        a batched matmul), a sequence of them, or None for the platform's default.
+    Returns:
+      [M, D] float32; padding rows are zero.
+    """
+    check_activation(activation)
+    return GROUPED_EXPERT_FORMS.run(impl, x, w_gate, w_up, w_down, group_sizes, activation=activation)
+
+
+def swiglu(x: Arr, w_gate: Arr, w_up: Arr, w_down: Arr) -> jax.Array:
+    """x: [..., D]; w_gate, w_up: [D, F]; w_down: [F, D]. Returns [..., D] float32."""
+    return expert(x, w_gate, w_up, w_down, activation="swiglu")
+
+
+def grouped_swiglu(
+    x: Rows,
+    w_gate: UpWeights,
+    w_up: UpWeights,
+    w_down: DownWeights,
+    group_sizes: GroupSizes,
+    *,
+    impl: Impl = None,
+) -> Rows:
+    """grouped_experts with SwiGLU experts: x [M, D], w_gate, w_up [G, D, F], w_down [G, F, D],
+    group_sizes [G] -> [M, D] float32."""
+    return grouped_experts(x, w_gate, w_up, w_down, group_sizes, activation="swiglu", impl=impl)
