@@ -9,8 +9,8 @@
 Each (model, context C) runs in a fresh child process with an address-space limit (RLIMIT_AS), so
 its memory is its own and an out-of-memory ends the child, not the run. Two resident-set peaks:
 while the pieces and the decode steps run, compiles done (sampled from /proc/self/statm every ms;
-the one plotted), and the whole child's (``ru_maxrss`` from wait4, compiles included; the only one
-of a child that ran out of memory). The model is ``preset(name, size)`` with random weights, float32,
+the one plotted), and the whole child's (its VmHWM, read by the parent while it waits, compiles
+included; the only one of a child that ran out of memory). The model is ``preset(name, size)`` with random weights, float32,
 batch 1, and its cache is ``init_cache(max_len=C + decode steps)``. The context is fed as a prefill in
 pieces of ``--piece`` tokens, one compiled call per piece, the cache donated and passed from call to
 call (tests/test_long_context.py checks that this equals one call, for every layer kind). Then
@@ -206,6 +206,20 @@ OOM_SIGNS = ("RESOURCE_EXHAUSTED", "bad_alloc", "Out of memory", "out of memory"
              "Cannot allocate memory", "failed to allocate")
 
 
+def _resident_high_water(pid: int) -> int:
+    """The peak resident bytes of process ``pid`` since its exec (VmHWM), 0 once it is gone. Not
+    the rusage's ru_maxrss: Linux folds the pre-exec RSS into it, and a child forked from a large
+    process (a test session) would report the parent's size."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _hermetic(env) -> dict:
     """The child's environment: no persistent compilation cache, whose reads and writes (of
     another process's entries) would enter the measured time and memory."""
@@ -217,7 +231,7 @@ def _hermetic(env) -> dict:
 def run_in_child(name: str, size: str, context: int, piece: int, mode: str, decode_steps: int,
                  memory_limit: int, timeout: float, env: dict | None = None) -> dict:
     """``run_case`` in a fresh Python process with RLIMIT_AS = memory_limit bytes (and environment
-    ``env``). Returns its measurements with "peak_rss_bytes" (the child's ru_maxrss) and "status":
+    ``env``). Returns its measurements with "peak_rss_bytes" (the child's VmHWM) and "status":
     "ok", "out of memory", "timeout after …" or "failed …"."""
     case = json.dumps(dict(name=name, size=size, context=context, piece=piece, mode=mode, decode_steps=decode_steps))
     code = (
@@ -230,19 +244,21 @@ def run_in_child(name: str, size: str, context: int, piece: int, mode: str, deco
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, text=True,
                                 env=_hermetic(os.environ if env is None else env))
         deadline = time.monotonic() + timeout
+        peak = 0
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            peak = max(peak, _resident_high_water(proc.pid))
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() > deadline:
                 proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
+                pid, status, _ = os.wait4(proc.pid, 0)
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
-    result = dict(peak_rss_bytes=usage.ru_maxrss * 1024)
+    result = dict(peak_rss_bytes=peak)
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
             return result | json.loads(line[len("RESULT "):])

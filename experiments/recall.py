@@ -20,7 +20,7 @@ schedule) built from a traced learning rate, so one compiled program serves ever
 start from the same initial parameters and see the same batches, so they differ only in the rate.
 They run one after another, optionally with successive halving (``prune_at``), or together under
 ``jax.vmap`` over a leading axis of parameters, optimizer states and rates (``vmap=True``; on the
-2-core CPU it was 0.9-2x slower per rate than one after another, see RESULTS.md). Accuracy is the
+2-core CPU it took 0.9-2.05x the time per rate of one after another, see RESULTS.md). Accuracy is the
 fraction of queried keys whose value is the argmax of the logits, on ``eval_examples`` rows of
 MQAR's validation stream.
 """

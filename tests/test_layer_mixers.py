@@ -144,6 +144,8 @@ def ref_mamba2(layer: Mamba2, x):
 
 
 def ref_gated_deltanet(layer: GatedDeltaNet, x):
+    """One document x [T, D] through the gated delta rule (g = 0 with decay=False), the gated
+    RMSNorm per value head and o_proj, in float64."""
     t = x.shape[0]
     h, dk, hv, dv = layer.n_heads, layer.head_dim, layer.n_v_heads, layer.head_v_dim
     u = np.concatenate([x @ p64(layer.q_proj.kernel), x @ p64(layer.k_proj.kernel), x @ p64(layer.v_proj.kernel)], -1)
@@ -153,7 +155,10 @@ def ref_gated_deltanet(layer: GatedDeltaNet, x):
     v = u[:, 2 * h * dk :].reshape(t, hv, dv)
     q = q / np.sqrt(np.sum(q * q, -1, keepdims=True) + 1e-6)
     k = k / np.sqrt(np.sum(k * k, -1, keepdims=True) + 1e-6)
-    g = -np.exp(p64(layer.A_log)) * softplus(x @ p64(layer.a_proj.kernel) + p64(layer.dt_bias))
+    if layer.decay:
+        g = -np.exp(p64(layer.A_log)) * softplus(x @ p64(layer.a_proj.kernel) + p64(layer.dt_bias))
+    else:  # plain DeltaNet: S ← S + k (β (v − Sᵀk))ᵀ, no decay
+        g = np.zeros((t, hv))
     beta = sigmoid(x @ p64(layer.b_proj.kernel)) * (2.0 if layer.allow_neg_eigval else 1.0)
     s = np.zeros((hv, dk, dv))
     o = np.zeros((t, hv, dv))
@@ -243,6 +248,10 @@ LAYERS = {
     "mamba2": (lambda r: Mamba2(D_MODEL, d_state=8, head_dim=16, n_groups=2, chunk_size=4, rngs=r), ref_mamba2),
     "gated_deltanet": (
         lambda r: GatedDeltaNet(D_MODEL, 2, head_dim=8, n_v_heads=4, head_v_dim=6, chunk_size=4, rngs=r),
+        ref_gated_deltanet,
+    ),
+    "deltanet": (  # plain DeltaNet: no decay parameters, g = 0
+        lambda r: GatedDeltaNet(D_MODEL, 2, head_dim=8, n_v_heads=4, head_v_dim=6, decay=False, chunk_size=4, rngs=r),
         ref_gated_deltanet,
     ),
     "gated_deltanet_neg_eigval": (

@@ -26,6 +26,7 @@ from flax import nnx
 from jaxlm.models import LM, ModelConfig
 from jaxlm.models.config import FFNS, MIXERS
 from numerics import F32_OUT, assert_close
+from test_models import cached_logits, full_logits
 
 B, T = 2, 39
 PIECES = (13, 13, 13)
@@ -72,17 +73,6 @@ def inputs() -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(tokens), jnp.asarray(segment_ids)
 
 
-@nnx.jit
-def full_pass(m: LM, tokens, segment_ids):
-    return m(tokens, segment_ids=segment_ids).logits
-
-
-@nnx.jit
-def cached_call(m: LM, tokens, segment_ids, cache):
-    out = m(tokens, segment_ids=segment_ids, cache=cache)
-    return out.logits, out.cache
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_prefill_in_pieces_equals_one_call(name):
     m = model(name)
@@ -91,11 +81,11 @@ def test_prefill_in_pieces_equals_one_call(name):
     logits, start = [], 0
     for length in PIECES:
         piece = slice(start, start + length)
-        out, cache = cached_call(m, tokens[:, piece], segment_ids[:, piece], cache)
+        out, cache = cached_logits(m, tokens[:, piece], segment_ids[:, piece], cache)
         logits.append(out)
         start += length
     assert start == T
-    assert_close(jnp.concatenate(logits, axis=1), full_pass(m, tokens, segment_ids), F32_OUT, f"{name} logits")
-    one_logits, one_cache = cached_call(m, tokens, segment_ids, m.init_cache(batch_size=B, max_len=T))
-    assert_close(one_logits, full_pass(m, tokens, segment_ids), F32_OUT, f"{name} one cached call")
+    assert_close(jnp.concatenate(logits, axis=1), full_logits(m, tokens, segment_ids), F32_OUT, f"{name} logits")
+    one_logits, one_cache = cached_logits(m, tokens, segment_ids, m.init_cache(batch_size=B, max_len=T))
+    assert_close(one_logits, full_logits(m, tokens, segment_ids), F32_OUT, f"{name} one cached call")
     assert_close(cache, one_cache, F32_OUT, f"{name} final cache")

@@ -20,7 +20,7 @@ from jaxlm import ops
 from kernels_pallas.flash_attention import BlockSizes, config, flash_attention, tiles
 from jaxprs import equations_outside_kernels, pallas_call_names
 from numerics import BF16_GRAD, BF16_OUT, F32_GRAD, F32_OUT, assert_close
-from op_cases import attention_mask
+from op_cases import attention_formula, attention_mask
 
 SMALL_TILES = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 
@@ -51,18 +51,6 @@ def naive_np(q, k, v, mask, scale) -> np.ndarray:
     p = np.where(mask[:, None], np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
     p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
     return np.einsum("bhts,bshv->bthv", p, v)
-
-
-def naive_jnp(q, k, v, mask, scale):
-    """The unblocked formula in float32 jnp, for gradients; rows without keys give zeros."""
-    groups = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    s = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * scale
-    mask = jnp.asarray(mask)[:, None]
-    s = jnp.where(mask, s, -1e30)
-    p = jnp.where(mask, jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True))), 0.0)
-    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-    return jnp.einsum("bhts,bshv->bthv", p, v, precision="highest")
 
 
 def normal(seed: int, shape, dtype=jnp.float32):
@@ -157,7 +145,7 @@ def test_outputs_and_gradients_match_xla_and_naive_formula(name, token_major, mo
     got = _grads(lambda q, k, v: ops.attention(q, k, v, impl="pallas", **kwargs), q, k, v, ct)
     assert_close(got, _grads(lambda q, k, v: ops.attention(q, k, v, impl="xla", **kwargs), q, k, v, ct),
                  F32_GRAD, "dq, dk, dv vs xla")
-    assert_close(got, _grads(lambda q, k, v: naive_jnp(q, k, v, mask, scale), q, k, v, ct),
+    assert_close(got, _grads(lambda q, k, v: attention_formula(q, k, v, mask, scale), q, k, v, ct),
                  F32_GRAD, "dq, dk, dv vs naive")
     np.testing.assert_array_equal(np.asarray(got[0])[hidden], 0.0)
 
@@ -175,7 +163,7 @@ def test_bf16_against_float32_reference(monkeypatch):
     ct = normal(4, o.shape)
     got = _grads(lambda q, k, v: ops.attention(q, k, v, impl="pallas", **case.kwargs(seg)), q, k, v, ct)
     assert all(g.dtype == jnp.bfloat16 for g in got)
-    assert_close(got, _grads(lambda q, k, v: naive_jnp(q, k, v, mask, scale), *f32, ct), BF16_GRAD, "dq, dk, dv")
+    assert_close(got, _grads(lambda q, k, v: attention_formula(q, k, v, mask, scale), *f32, ct), BF16_GRAD, "dq, dk, dv")
 
 
 def test_uneven_forward_and_backward_tiles():
@@ -187,7 +175,7 @@ def test_uneven_forward_and_backward_tiles():
     mask, scale = visible(case.b, case.t, case.t, True, 20), case.d**-0.5
     assert_close(fn(q, k, v), naive_np(q, k, v, mask, scale), F32_OUT, "o")
     ct = normal(6, (case.b, case.t, case.h, case.dv))
-    assert_close(_grads(fn, q, k, v, ct), _grads(lambda *a: naive_jnp(*a, mask, scale), q, k, v, ct),
+    assert_close(_grads(fn, q, k, v, ct), _grads(lambda *a: attention_formula(*a, mask, scale), q, k, v, ct),
                  F32_GRAD, "dq, dk, dv")
 
 

@@ -44,7 +44,8 @@ class TrainArgs:
     """Global batch, in rows of seq_len tokens."""
     seq_len: int = 256
     lr: float = 3e-3
-    warmup: int = 15
+    warmup: Optional[int] = None
+    """Linear warmup steps; default a tenth of --steps."""
     schedule: ScheduleName = "cosine"
     weight_decay: float = 0.1
     clip_norm: float = 1.0
@@ -86,6 +87,9 @@ class TrainArgs:
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{self.preset}-{self.size}"
+
+    def warmup_steps(self) -> int:
+        return self.steps // 10 if self.warmup is None else self.warmup
 
     def model_overrides(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self.model).items() if v is not None}

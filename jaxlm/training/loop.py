@@ -55,13 +55,30 @@ class _StopSignal:
         self.received = signal.Signals(signum).name
 
 
+class Stopped(Exception):
+    """A SIGTERM or SIGINT stopped the run once its step was saved. ``exit_status`` is the
+    shell's convention for that signal, 128 + its number, so a scheduler sees the preemption."""
+
+    def __init__(self, signal_name: str, step: int, checkpoints: Path):
+        self.exit_status = 128 + signal.Signals[signal_name].value
+        super().__init__(f"{signal_name}: saved step {step} to {checkpoints}; rerun to resume")
+
+
 def _check_args(args: TrainArgs, mesh) -> None:
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every",
                  "eval_batches", "keep_checkpoints", "sample_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.warmup < args.steps:
+    if not 0 <= args.warmup_steps() < args.steps:
         raise ValueError(f"--warmup must be in [0, --steps={args.steps}), got {args.warmup}")
+    # (flag, lower bound, whether the bound itself is allowed), each a finite float.
+    for name, low, inclusive in (("lr", 0.0, False), ("clip_norm", 0.0, False), ("weight_decay", 0.0, True),
+                                 ("load_balancing", 0.0, True), ("router_z", 0.0, True),
+                                 ("selection_bias_rate", 0.0, True)):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value}")
     rows_per_micro, rem = divmod(args.batch_size, args.grad_accum)
     if rem:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum}")
@@ -157,8 +174,8 @@ def _write_sample(run_dir: Path, graphdef, state: TrainState, tokenizer, args: T
 
 
 def train(args: TrainArgs) -> Path:
-    """Runs (or resumes) the job of ``args``; returns the run folder (also after a SIGTERM or
-    SIGINT, which saves the step it arrives at). Raises NonFiniteLoss when a train loss is NaN or
+    """Runs (or resumes) the job of ``args``; returns the run folder. A SIGTERM or SIGINT saves
+    the step it arrives at, then raises Stopped. Raises NonFiniteLoss when a train loss is NaN or
     infinite (no checkpoint of that step or later is written) and ValueError for bad arguments;
     the checkpoint manager, metrics files, progress bar and signal handlers are closed either way."""
     mesh = sharding.make_mesh(args.mesh)
@@ -181,7 +198,7 @@ def train(args: TrainArgs) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.write_run_config(run_dir, config, tokenizer.spec, _jsonable(args))
 
-    schedule = optimizer.learning_rate_schedule(args.lr, args.warmup, args.steps, args.schedule)
+    schedule = optimizer.learning_rate_schedule(args.lr, args.warmup_steps(), args.steps, args.schedule)
     tx = optimizer.adamw(schedule, weight_decay=args.weight_decay, clip_norm=args.clip_norm)
     weights = LossWeights(args.load_balancing, args.router_z, args.selection_bias_rate)
     peak, peak_source = peak_flops_per_second(dtype=args.dtype)  # outside the mesh: it probes one device
@@ -252,8 +269,7 @@ def train(args: TrainArgs) -> Path:
                 checkpointing.save(mgr, step, state, data_position)
             if stopping:
                 mgr.wait_until_finished()
-                tqdm.write(f"{stopping}: saved step {step} to {run_dir / 'checkpoints'}; rerun to resume")
-                return run_dir
+                raise Stopped(stopping, step, run_dir / "checkpoints")
             window_start = time.perf_counter()  # evaluation and saving are not train throughput
         bar.close()
         if lead:
