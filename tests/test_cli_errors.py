@@ -33,6 +33,7 @@ SMALL = ["--preset", "transformer", "--size", "tiny", "--steps", "4"]
         ("--checkpoint-every", "0", "--checkpoint-every must be >= 1, got 0"),
         ("--warmup", "-1", r"--warmup must be in \[0, --steps=4\), got -1"),
         ("--warmup", "4", r"--warmup must be in \[0, --steps=4\), got 4"),
+        ("--mesh", "context=2", "--mesh 'context=2': context parallelism is not implemented yet"),
     ],
 )
 def test_bad_numeric_arguments_are_refused_naming_the_flag(tmp_path, flag, value, message):

@@ -70,7 +70,8 @@ class TrainArgs:
     tokenizer: Optional[str] = None
     """byte | bpe:N | path/to/tokenizer.json; default byte (ids for mqar)."""
     mesh: Optional[str] = None
-    """Device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, context, tensor); default all data."""
+    """Device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor; context is reserved for context
+    parallelism, not yet built); default all data."""
     load_balancing: float = 0.01
     """MoE load-balancing loss coefficient."""
     router_z: float = 0.001

@@ -23,6 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxlm import data, sharding
+from jaxlm.axis_names import CONTEXT
 from jaxlm.generate import generate
 from jaxlm.models import LM, ModelConfig, count_params, preset
 from jaxlm.models.flops import flops_per_token
@@ -65,6 +66,10 @@ class Stopped(Exception):
 
 
 def _check_args(args: TrainArgs, mesh) -> None:
+    if mesh.shape[CONTEXT] > 1:  # the axis is named for what is planned; nothing splits along it yet
+        raise ValueError(f"--mesh {args.mesh!r}: context parallelism is not implemented yet, so a {CONTEXT} "
+                         f"axis over {mesh.shape[CONTEXT]} devices would only repeat the work; use data, fsdp, "
+                         "expert and tensor")
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every",
                  "eval_batches", "keep_checkpoints", "sample_tokens"):
         if getattr(args, name) < 1:
