@@ -23,7 +23,8 @@ from jaxlm import ops
 from kernels_pallas import kernel_settings
 from kernels_pallas.flash_attention import BlockSizes, flash_attention
 from numerics import F32_GRAD, F32_OUT, assert_close
-from test_pallas_attention import CASES, Case, ids, naive_jnp, naive_np, normal
+from op_cases import attention_formula
+from test_pallas_attention import CASES, Case, ids, naive_np, normal
 from jaxprs import pallas_call_eqns
 from test_pallas_recurrences import OPS, check_against_recurrent, make_inputs
 
@@ -109,7 +110,7 @@ def _check_attention(case: Case, attend, capfd) -> None:
     np.testing.assert_array_equal(np.asarray(o)[hidden], 0.0)
     ct = normal(9, o.shape)
     got = _grads(lambda q, k, v: attend(q, k, v, seg), q, k, v, ct)
-    assert_close(got, _grads(lambda *a: naive_jnp(*a, mask, scale), q, k, v, ct), F32_GRAD, "dq, dk, dv")
+    assert_close(got, _grads(lambda *a: attention_formula(*a, mask, scale), q, k, v, ct), F32_GRAD, "dq, dk, dv")
     np.testing.assert_array_equal(np.asarray(got[0])[hidden], 0.0)
     assert RACE not in capfd.readouterr().out
 
