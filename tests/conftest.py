@@ -13,6 +13,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlm-test-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# ...but this process itself neither reads nor writes it: late in the full suite jaxlib 0.10.2
+# segfaulted serialising an executable into the cache, in three runs out of three, each time in a
+# different in-process training test (never when they ran alone). Subprocesses keep the cache.
+import jax  # noqa: E402  (after the environment above)
+
+jax.config.update("jax_enable_compilation_cache", False)
 
 # Shape-checked tests (jaxlm/typing.py): jaxtyping's import hook wraps every function of
 # jaxlm.ops and jaxlm.layers imported from here on in a beartype checker, so an array that breaks
