@@ -1,24 +1,35 @@
+import gc
 import os
 import sys
 import tempfile
 
 import jaxtyping
+import pytest
 
 # Eight fake CPU devices for sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One persistent compilation cache for this test session, shared with the training runs that
-# tests start as subprocesses: they compile the same programs as the in-process runs.
+# One persistent compilation cache for this test session, shared by the pytest workers and the
+# training runs that tests start as subprocesses: they compile the same programs. A size limit
+# turns on the cache's file lock, so one process never reads an entry another is still writing.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlm-test-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# ...but this process itself neither reads nor writes it: late in the full suite jaxlib 0.10.2
-# segfaulted serialising an executable into the cache, in three runs out of three, each time in a
-# different in-process training test (never when they ran alone). Subprocesses keep the cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 import jax  # noqa: E402  (after the environment above)
 
-jax.config.update("jax_enable_compilation_cache", False)
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drop every compiled program when a test module ends. Each CPU executable keeps its own
+    memory mappings, and a process may hold at most vm.max_map_count (65530) of them: one module
+    such as test_models reaches 20,000, the whole suite in one process passed 65,530 and jaxlib
+    then segfaulted inside the compiler when a mapping failed."""
+    yield
+    jax.clear_caches()
+    gc.collect()
+
 
 # Shape-checked tests (jaxlm/typing.py): jaxtyping's import hook wraps every function of
 # jaxlm.ops and jaxlm.layers imported from here on in a beartype checker, so an array that breaks

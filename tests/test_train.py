@@ -161,9 +161,7 @@ MESH_RUN = ["--preset", "qwen3_next", "--steps", "5", "--checkpoint-every", "5",
 
 @pytest.fixture(scope="module")
 def eight_device_losses(tmp_path_factory) -> dict[int, float]:
-    """The 8-device run, in its own process like the runs it is compared with. (In process, late
-    in the full suite, jaxlib 0.10.2 segfaulted serialising this executable into the persistent
-    compilation cache; alone it did not.)"""
+    """The 8-device run, in its own process like the runs it is compared with."""
     out = tmp_path_factory.mktemp("mesh8")
     proc = cli(out, *MESH_RUN, "--mesh", "data=2,expert=4", devices=8)
     output = proc.communicate(timeout=300)[0]
