@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -137,40 +138,81 @@ class GenerateArgs:
     """The text to continue."""
     max_new_tokens: int = 200
     checkpoint: str | None = None
-    """A run folder written by `python -m jaxlm.train` (its latest checkpoint is loaded)."""
+    """A run folder written by `python -m jaxlm.train` or `python -m jaxlm.convert` (its latest checkpoint
+    is loaded)."""
     preset: str = "gated_deltanet"
     """Without --checkpoint: the model family, with random weights."""
     size: str = "tiny"
     """Without --checkpoint: the preset's size."""
-    tokenizer: str = "byte"
-    """Without --checkpoint: the tokenizer spec (see jaxlm.data)."""
+    tokenizer: str | None = None
+    """The tokenizer spec (see jaxlm.data). With --checkpoint it replaces the one the run folder
+    records; without, it defaults to byte."""
     temperature: float = 0.8
     top_k: int | None = None
     top_p: float | None = 0.95
     seed: int = 0
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import tyro
+def _load_checkpoint(folder: str) -> tuple[LM, str | None]:
+    """(model, recorded tokenizer spec) of the run folder --checkpoint names; ValueError naming
+    the folder or its config.json when it is not one that generation can load."""
+    from jaxlm.models import ModelConfig
+    from jaxlm.training.checkpointing import CONFIG_FILE, load_trained_model, read_run_config
 
+    run_dir = Path(folder)
+    what = "pass a run folder written by python -m jaxlm.train or python -m jaxlm.convert"
+    if not run_dir.exists():
+        raise ValueError(f"--checkpoint {folder} does not exist; {what}")
+    if not run_dir.is_dir():
+        raise ValueError(f"--checkpoint {folder} is a file, not a run folder; {what}")
+    record = read_run_config(run_dir)  # ValueError naming config.json when it holds no run record
+    # load_trained_model builds ModelConfig(**record["model"]): check it here, where the message
+    # can name the file, instead of surfacing a bare ModelConfig complaint.
+    config_file = run_dir / CONFIG_FILE
+    try:
+        ModelConfig().replace(**record["model"])
+    except ValueError as err:
+        raise ValueError(f"{config_file} records a model config jaxlm cannot build: {err}") from None
+    return load_trained_model(run_dir)
+
+
+def _recorded_tokenizer(checkpoint: str, recorded: str | None) -> str:
+    """The tokenizer spec a run folder records; ValueError when it records none."""
+    if recorded is None:
+        # python -m jaxlm.convert records null for a Hugging Face folder without tokenizer.json.
+        raise ValueError(f"--checkpoint {checkpoint} records no tokenizer (its config.json has tokenizer null); "
+                         "pass --tokenizer, e.g. --tokenizer path/to/tokenizer.json of the original model")
+    return recorded
+
+
+def _run(args: GenerateArgs) -> None:
     from jaxlm.data import load_tokenizer
     from jaxlm.models import preset
 
-    args = tyro.cli(GenerateArgs, args=argv)
+    # Flags are checked before anything is loaded or printed: a mistake costs no time and
+    # leaves no half-written output.
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    tokenizer = None if args.tokenizer is None else load_tokenizer(args.tokenizer)
     if args.checkpoint is not None:
-        from jaxlm.training.checkpointing import load_trained_model
-
-        model, tokenizer_spec = load_trained_model(args.checkpoint)
+        model, recorded = _load_checkpoint(args.checkpoint)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(_recorded_tokenizer(args.checkpoint, recorded))
+        vocab = model.config.vocab_size
+        if tokenizer.vocab_size > vocab:  # a smaller one is fine: HF models pad their vocab
+            raise ValueError(f"tokenizer {tokenizer.spec!r} has {tokenizer.vocab_size} ids but the model in "
+                             f"--checkpoint {args.checkpoint} has vocab_size {vocab}; pass the tokenizer it was "
+                             "trained with")
     else:
-        tokenizer_spec = args.tokenizer
-        model = None
-    tokenizer = load_tokenizer(tokenizer_spec)
-    if model is None:
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer("byte")
         config = preset(args.preset, args.size, vocab_size=tokenizer.vocab_size)
         model = LM(config, rngs=nnx.Rngs(args.seed))
         print(f"(random weights: preset {args.preset!r} size {args.size!r}; pass --checkpoint RUN_DIR for a trained model)",
               file=sys.stderr)
     prompt = np.asarray(tokenizer.encode(args.prompt), np.int32)[None]
+    if prompt.size == 0:
+        raise ValueError("--prompt is empty; pass the text to continue (at least one token)")
     decoded: list[int] = []
     printed = 0
 
@@ -188,6 +230,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         rng=jax.random.key(args.seed), on_token=stream,
     )
     print(tokenizer.decode(decoded)[printed:])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxlm.generate``: a user's mistake ends in one ``error:`` line, exit status 1."""
+    import tyro
+
+    from jaxlm.cli import report_user_errors
+
+    args = tyro.cli(GenerateArgs, args=argv)
+    report_user_errors(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -118,6 +118,59 @@ def test_bin_file_without_boundaries_is_cut_into_rows(tmp_path):
     assert (b.segment_ids == 0).all() and (b.loss_mask == 1).all()
 
 
+def test_one_text_file_is_split_inside_it(tmp_path):
+    """One document has no other to be validation: its tail is, cut by a rule of its length alone."""
+    head, tail = "lower case train text. " * 217 + "x", "VALIDATION TAIL " * 256  # 4 992 + 4 096 characters
+    (tmp_path / "one.txt").write_text(head + tail)
+    spec = str(tmp_path / "one.txt")
+    train, val = data.load_corpus(spec, "train"), data.load_corpus(spec, "validation")
+    # 2% of 9 088 is 182 characters, under the minimum of 4 096 (itself under half the text)
+    assert (train.load(0), val.load(0)) == (head, tail)
+    assert data.load_corpus(spec, "all").load(0) == head + tail
+    assert data.load_corpus(spec, "train").fingerprint == train.fingerprint  # the same cut every time
+    seq_len, batch_size = 16, 4
+    batches = data.build(spec, seq_len=seq_len, batch_size=batch_size, seed=0)
+    seen = np.concatenate([next(batches).tokens.ravel() for _ in range(80)])  # more than one epoch of train
+    assert set(bytes(seen.astype(np.uint8)).decode()) == set(head)  # no validation character in training
+    val_batches = data.validation_batches(spec, seq_len=seq_len, batch_size=batch_size, num_batches=2)
+    val_seen = bytes(np.concatenate([b.tokens.ravel() for b in val_batches]).astype(np.uint8)).decode()
+    assert set(val_seen) == set(tail) and val_seen.startswith(tail[:seq_len])  # the tail, in order
+
+
+def test_a_text_of_one_document_keeps_at_most_half_for_validation(tmp_path):
+    (tmp_path / "short.txt").write_text("abcdefghij" * 30)  # 300 characters, under the minimum
+    train = data.load_corpus(str(tmp_path / "short.txt"), "train").load(0)
+    val = data.load_corpus(str(tmp_path / "short.txt"), "validation").load(0)
+    assert (len(train), len(val)) == (150, 150) and train + val == "abcdefghij" * 30
+
+
+def test_a_binary_file_named_as_text_is_refused(tmp_path):
+    np.arange(40, dtype=np.uint16).tofile(tmp_path / "tokens.dat")  # token ids, but not named .bin
+    with pytest.raises(ValueError) as excinfo:
+        data.build(str(tmp_path / "tokens.dat"), seq_len=4, batch_size=1)
+    assert str(excinfo.value) == (
+        f"data {str(tmp_path / 'tokens.dat')!r}: {tmp_path / 'tokens.dat'} looks binary (a NUL byte in its first "
+        "8192 bytes), not like text; if it holds token ids, name it *.bin (uint16 ids) or *.uint32.bin (uint32 ids)"
+    )
+
+
+def test_a_bin_file_of_the_wrong_size_gets_advice_that_fixes_it(tmp_path):
+    (tmp_path / "odd.bin").write_bytes(b"\1\0\2\0\3")  # 5 bytes: no token width divides it
+    with pytest.raises(ValueError, match=(
+            r"odd.bin has 5 bytes, not a multiple of 2, the size of a uint16 token: an odd size fits neither "
+            r"uint16 nor uint32 tokens, so the file was cut short or does not hold token ids; write it again as a "
+            r"flat array, np.asarray\(ids, np.uint16\).tofile\(path\)")) as excinfo:
+        data.build(str(tmp_path / "odd.bin"), seq_len=2, batch_size=1)
+    assert "pass dtype=uint16 or dtype=uint32" not in str(excinfo.value)  # the old advice, which cannot help
+    np.arange(3, dtype=np.uint16).tofile(tmp_path / "six.uint32.bin")  # 6 bytes: uint16 tokens, misnamed
+    with pytest.raises(ValueError, match=(
+            r"six.uint32.bin has 6 bytes, not a multiple of 4, the size of a uint32 token; if its tokens are "
+            r"uint16, pass dtype=uint16 \(or drop .uint32 / .u32 from its name\)")):
+        data.build(str(tmp_path / "six.uint32.bin"), seq_len=2, batch_size=1)
+    tokens = data.load_corpus(f"{tmp_path / 'six.uint32.bin'}#dtype=uint16", "all").load(0)
+    assert tokens.tolist() == [0, 1, 2]  # and that advice works
+
+
 def test_bin_train_val_siblings_and_vocab_check(tmp_path):
     np.full(100, 7, np.uint16).tofile(tmp_path / "train.bin")
     np.full(50, 9, np.uint16).tofile(tmp_path / "val.bin")

@@ -324,5 +324,5 @@ def test_convert_cli_writes_a_checkpoint_generation_can_load(checkpoint, tmp_pat
     assert jax.tree.structure(want) == jax.tree.structure(got)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(SystemExit, match="already exists"):
         convert.main(["--from-hf", str(source), "--out", str(tmp_path / "ckpt")])

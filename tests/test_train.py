@@ -44,13 +44,11 @@ def cli(out: Path, *extra: str, devices: int = 8, env: dict | None = None) -> su
 
 
 def train_losses(records: list[dict]) -> dict[int, float]:
-    """step -> loss of the train records; a step logged twice (before a kill and after the
-    resume) must have logged the same loss both times."""
-    losses: dict[int, float] = {}
-    for r in records:
-        if r["split"] == "train":
-            assert losses.setdefault(r["step"], r["loss"]) == pytest.approx(r["loss"], rel=1e-6, abs=1e-6)
-    return losses
+    """step -> loss of the train records, where each step appears once (a resume drops what a
+    killed run logged past its checkpoint)."""
+    steps = [r["step"] for r in records if r["split"] == "train"]
+    assert len(steps) == len(set(steps)), steps
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:

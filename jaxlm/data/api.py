@@ -47,7 +47,8 @@ def build(
     shuffle: shuffle documents each epoch; default True for train and all, False for validation.
     cache_dir: where trained BPE tokenizers are kept (default ~/.cache/jaxlm/tokenizers).
 
-    The result has .tokenizer, .seq_len, .batch_size, state() and restore(state). An empty
+    The result has .tokenizer, .seq_len, .batch_size, .fingerprint (the documents' identity: it
+    changes when they do), state() and restore(state). An empty
     corpus or one with fewer tokens than batch_size * (seq_len + 1) raises ValueError here
     (for a streamed dataset, at the first batch).
     """
@@ -84,7 +85,7 @@ def build(
         stream = streaming_stream(corpus, tok, seed, shuffle)
     batches = PackedBatches(
         stream, source=source, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
-        process_index=process_index, process_count=process_count,
+        process_index=process_index, process_count=process_count, fingerprint=corpus.fingerprint,
     )
     if isinstance(corpus, Corpus):
         batches.check_size()

@@ -6,7 +6,8 @@ and resumed, such as a Hugging Face dataset).
 
 The split is decided per document by a stable hash of its name (BLAKE2b, never Python's salted
 `hash()`; documents of .bin files by a stable hash of their index), so it is the same on every
-machine and a document keeps its side when others are added.
+machine and a document keeps its side when others are added. A text source of a single document
+has no second document to split from, so text_files cuts that one document in two instead.
 """
 
 from __future__ import annotations

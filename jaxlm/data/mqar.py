@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from jaxlm.data.batch import Batch, batch_from_rows, check_state, local_rows
-from jaxlm.data.corpus import parse_options
+from jaxlm.data.corpus import fingerprint_of, parse_options
 from jaxlm.data.tokenizer import IdTokenizer
 
 _SPLIT_STREAMS = {"train": 0, "all": 0, "validation": 1}
@@ -96,6 +96,7 @@ class MQARBatches:
     ):
         config.check(seq_len, source)
         self.config, self.source = config, source
+        self.fingerprint = fingerprint_of("mqar", config)  # the draws depend on nothing else but the seed
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.tokenizer = IdTokenizer(config.vocab_size)
         self._stream = _SPLIT_STREAMS[split]

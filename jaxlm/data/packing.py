@@ -98,10 +98,11 @@ class PackedBatches:
         batch_size: int,
         process_index: int = 0,
         process_count: int = 1,
+        fingerprint: str = "",  # the documents' identity (Corpus.fingerprint), recorded by a run
     ):
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
-        self._docs, self.source, self.tokenizer = docs, source, tokenizer
+        self._docs, self.source, self.tokenizer, self.fingerprint = docs, source, tokenizer, fingerprint
         self.seq_len, self.batch_size = seq_len, batch_size
         self._rows = local_rows(batch_size, process_index, process_count)
         self._step = self._epoch = self._doc = self._offset = 0

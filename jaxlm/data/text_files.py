@@ -2,19 +2,28 @@
 
 In folders and glob matches, a file counts as text when it is not empty, not hidden (no name
 part starting with '.') and has no NUL byte in its first 8 KiB; anything else is skipped. A file
-named directly is always read. Files are decoded as UTF-8 with invalid bytes replaced, when a
+named directly is read unless it has such a NUL byte: then it is refused as binary (token ids
+belong in a `.bin` file). Files are decoded as UTF-8 with invalid bytes replaced, when a
 document is first needed. Document names are paths relative to the folder (or to the pattern's
 fixed leading folder), with '/' separators, so the split does not depend on where the data lives.
+
+Split: two or more documents split by name (corpus.split_indices). A source of one document (a
+single file, or a folder or pattern holding one) is split inside it instead, so that it has a
+validation split: its last VALIDATION_FRACTION (2%) of characters, but at least
+MIN_VALIDATION_CHARS and at most half of them, are validation and the rest is train. The cut
+depends on the text's length alone, so it is the same on every run and machine.
 """
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 
-from jaxlm.data.corpus import Corpus, fingerprint_of, parse_options, split_indices
+from jaxlm.data.corpus import VALIDATION_FRACTION, Corpus, check_split, fingerprint_of, parse_options, split_indices
 
 _SNIFF_BYTES = 8192
+MIN_VALIDATION_CHARS = 4096  # a one-document source's validation part: one batch of 8 x 257 bytes and more
 
 
 def is_glob(spec: str) -> bool:
@@ -68,9 +77,22 @@ def list_text_files(spec: str) -> tuple[str, list[tuple[str, str]]]:
     return root, sorted(named.items())
 
 
+def validation_cut(n_chars: int) -> int:
+    """Where a one-document source of `n_chars` characters splits: text[:cut] is train and
+    text[cut:] validation (see the module docstring)."""
+    n_validation = min(max(math.ceil(n_chars * VALIDATION_FRACTION), MIN_VALIDATION_CHARS), n_chars // 2)
+    return n_chars - n_validation
+
+
 def load_text_files(spec: str, options: dict[str, str], split: str, source: str) -> Corpus:
     """The text files named by `spec` (no options), restricted to `split`."""
     parse_options(options, {}, source)
+    check_split(split)
+    if os.path.isfile(spec) and os.path.getsize(spec) and not looks_like_text(spec):
+        raise ValueError(
+            f"data {source!r}: {spec} looks binary (a NUL byte in its first {_SNIFF_BYTES} bytes), not like text; "
+            "if it holds token ids, name it *.bin (uint16 ids) or *.uint32.bin (uint32 ids)"
+        )
     _, files = list_text_files(spec)
     if not files:
         raise ValueError(
@@ -85,5 +107,14 @@ def load_text_files(spec: str, options: dict[str, str], split: str, source: str)
         with open(paths[i], "rb") as f:
             return f.read().decode("utf-8", errors="replace")
 
+    if len(files) == 1:
+        # One document cannot be split by name: cut it. The fingerprint says so, so that nothing
+        # cached for the whole file (a BPE tokenizer trained on its train split) is taken for it.
+        def part(i: int) -> str:
+            text = load(i)
+            cut = validation_cut(len(text))
+            return {"train": text[:cut], "validation": text[cut:], "all": text}[split]
+
+        return Corpus(source, names, part, fingerprint_of("text", names, sizes, "one document, cut"))
     corpus = Corpus(source, names, load, fingerprint_of("text", names, sizes))
     return corpus.select(split_indices(names, split))

@@ -57,9 +57,17 @@ def open_tokens(path: str, dtype: str, source: str) -> np.ndarray:
     size = os.path.getsize(path)
     itemsize = np.dtype(_DTYPES[dtype]).itemsize
     if size % itemsize:
+        problem = f"data {source!r}: {path} has {size} bytes, not a multiple of {itemsize}, the size of a {dtype} token"
+        if size % 2 == 0:  # only uint32 gets here: the size fits uint16 tokens
+            raise ValueError(
+                f"{problem}; if its tokens are uint16, pass dtype=uint16 (or drop .uint32 / .u32 from its name), "
+                "otherwise the file was cut short: write it again"
+            )
+        # An odd size fits neither width: no dtype option can fix it.
         raise ValueError(
-            f"data {source!r}: {path} has {size} bytes, not a multiple of {itemsize} as {dtype} "
-            "needs; pass dtype=uint16 or dtype=uint32"
+            f"{problem}: an odd size fits neither uint16 nor uint32 tokens, so the file was cut short or does not "
+            "hold token ids; write it again as a flat array, np.asarray(ids, np.uint16).tofile(path) (uint32 ids: "
+            "np.uint32 and a name ending in .uint32.bin)"
         )
     if size == 0:
         return np.zeros(0, _DTYPES[dtype])

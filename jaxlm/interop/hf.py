@@ -33,14 +33,30 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 SUPPORTED = tuple(ARCHITECTURES)
 DTYPES = ("float32", "bfloat16")
+CONFIG_FILE = "config.json"
 
 
 def read_config(path: str | Path) -> dict:
-    """The checkpoint's config.json as a dict."""
-    file = Path(path) / "config.json"
+    """The checkpoint's config.json as a dict; ValueError naming the folder or the file when the
+    folder is missing, or the file is missing or is not a JSON object."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ValueError(f"{path} does not exist; pass a Hugging Face checkpoint folder ({CONFIG_FILE} and "
+                         f"{SINGLE_FILE})")
+    if not folder.is_dir():
+        raise ValueError(f"{path} is a file; pass the Hugging Face checkpoint folder that holds {CONFIG_FILE} "
+                         f"and {SINGLE_FILE}")
+    file = folder / CONFIG_FILE
     if not file.is_file():
-        raise ValueError(f"{path} is not a Hugging Face checkpoint folder: config.json is missing")
-    return json.loads(file.read_text())
+        raise ValueError(f"{path} is not a Hugging Face checkpoint folder: {CONFIG_FILE} is missing")
+    try:
+        hf = json.loads(file.read_text())
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a file that is not text
+        raise ValueError(f"{file} is not valid JSON ({err}); download it again or repair it") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} holds a JSON {type(hf).__name__}, not the object of config fields transformers "
+                         "writes")
+    return hf
 
 
 def architecture_of(hf: dict) -> Architecture:
@@ -51,10 +67,21 @@ def architecture_of(hf: dict) -> Architecture:
 
 
 def to_model_config(hf: dict, dtype: str = "float32") -> ModelConfig:
-    """The jaxlm ModelConfig of an HF config dict, computing and storing in ``dtype``."""
+    """The jaxlm ModelConfig of an HF config dict, computing and storing in ``dtype``; ValueError
+    naming the field when a required one is missing or has a value of the wrong type."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    return architecture_of(hf).to_config(hf).replace(dtype=dtype, param_dtype=dtype)
+    arch = architecture_of(hf)
+    # The mappings read required fields as hf[key]: a KeyError here is a field the config lacks,
+    # and a TypeError a field of the wrong type (a string where a number belongs).
+    try:
+        config = arch.to_config(hf)
+    except KeyError as err:
+        raise ValueError(f"the required field {err.args[0]!r} is missing ({arch.name} needs it); is the file "
+                         "complete?") from None
+    except TypeError as err:
+        raise ValueError(f"a field has a value of the wrong type for {arch.name} ({err})") from None
+    return config.replace(dtype=dtype, param_dtype=dtype)
 
 
 def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None) -> LM:
@@ -66,9 +93,14 @@ def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None) -> 
     recomputes too: multi-token-prediction heads, MiniMax's decay buffers), so a mapping gap is
     an error, not a silent skip.
     """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     hf = read_config(path)
-    arch = architecture_of(hf)
-    config = to_model_config(hf, dtype)
+    try:
+        arch = architecture_of(hf)
+        config = to_model_config(hf, dtype)
+    except ValueError as err:  # a config that is read but not understood: say which file
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: {err}") from None
     rules = arch.rules(config)
     abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
     with CheckpointReader(path) as reader:
@@ -111,5 +143,5 @@ def save(model: LM, path: str | Path, architecture: str | None = None) -> None:
     tensors = model_tensors(model, ARCHITECTURES[hf["architectures"][0]].rules(model.config))
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    (folder / CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     write_safetensors(tensors, folder / SINGLE_FILE)

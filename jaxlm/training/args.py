@@ -5,6 +5,7 @@ field (the fields are generated from ModelConfig, so a new field is a new flag).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,24 +106,68 @@ def _config_path(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _matches(value: object, hint: object) -> bool:
+    """Whether a YAML value fits a field's annotation (an int is a valid float, a bool is not an int)."""
+    origin, options = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in options)
+    if origin is Literal:
+        return value in options
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # a nested dataclass (model) is checked field by field
+
+
+def _describe(hint: object) -> str:
+    origin, options = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in options)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(option) for option in options)
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _check_types(values: dict, hints: dict, path: str, prefix: str = "") -> None:
+    for name, value in values.items():
+        if not _matches(value, hints[name]):
+            raise ValueError(f"--config {path!r}: {prefix}{name} must be {_describe(hints[name])}, got {value!r}")
+
+
 def defaults_from_yaml(path: str) -> TrainArgs:
-    """TrainArgs from a YAML mapping of its fields (``model:`` a mapping of ModelConfig fields)."""
-    text = Path(path).read_text() if Path(path).is_file() else None
-    if text is None:
+    """TrainArgs from a YAML mapping of its fields (``model:`` a mapping of ModelConfig fields).
+    ValueError naming the file for a missing file, bad YAML, an unknown name or a wrong type."""
+    if not Path(path).is_file():
         raise ValueError(f"--config {path!r}: no such file")
-    values = yaml.safe_load(text) or {}
+    try:
+        with open(path) as stream:  # a stream, so that YAML's messages name the file
+            values = yaml.safe_load(stream) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path!r} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path!r} must hold a mapping of argument names to values")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"--config {path!r}: unknown argument(s) {unknown}; the arguments are {sorted(known)}")
     model = values.pop("model", None) or {}
+    if not isinstance(model, dict):
+        raise ValueError(f"--config {path!r}: model must be a mapping of model fields to values, got {model!r}")
+    model = {str(k).replace("-", "_"): v for k, v in model.items()}
     model_fields = {f.name for f in dataclasses.fields(ModelOverrides)}
     bad = sorted(set(model) - model_fields)
     if bad:
         raise ValueError(f"--config {path!r}: unknown model field(s) {bad}; the fields are {sorted(model_fields)}")
+    _check_types(values, typing.get_type_hints(TrainArgs), path)
+    _check_types(model, typing.get_type_hints(ModelOverrides), path, prefix="model.")
     return TrainArgs(**values, model=ModelOverrides(**model), config=path)
 
 

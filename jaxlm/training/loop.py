@@ -27,7 +27,7 @@ from jaxlm.axis_names import CONTEXT
 from jaxlm.generate import generate
 from jaxlm.models import LM, ModelConfig, count_params, preset
 from jaxlm.models.flops import flops_per_token
-from jaxlm.training import checkpointing, optimizer
+from jaxlm.training import checkpointing, optimizer, run_folder
 from jaxlm.training.args import TrainArgs
 from jaxlm.training.metrics import MAX_LOG_LOSS, MetricsLog, PendingMetrics, first_non_finite, plot_loss, with_rates
 from jaxlm.training.peak import peak_flops_per_second
@@ -101,8 +101,9 @@ def _starting_point(args: TrainArgs) -> tuple[ModelConfig | None, str | None]:
     """(the model config, the tokenizer spec) of --init-from, or (None, --tokenizer) without it."""
     if not args.init_from:
         return None, args.tokenizer
-    record = checkpointing.read_run_config(Path(args.init_from))
-    return ModelConfig().replace(**record["model"]), args.tokenizer or record["tokenizer"]
+    folder = Path(args.init_from)
+    record = checkpointing.read_run_config(folder)
+    return ModelConfig().replace(**record["model"]), args.tokenizer or checkpointing.run_tokenizer_spec(folder, record)
 
 
 def _model_config(args: TrainArgs, vocab_size: int, base: ModelConfig | None) -> ModelConfig:
@@ -115,18 +116,6 @@ def _model_config(args: TrainArgs, vocab_size: int, base: ModelConfig | None) ->
     if config.vocab_size < vocab_size:
         raise ValueError(f"--model.vocab-size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
     return config
-
-
-def _check_run_folder(run_dir: Path, config: ModelConfig, tokenizer_spec: str) -> None:
-    """A resumed run must be the same model: refuse to mix checkpoints of two configs."""
-    if not (run_dir / checkpointing.CONFIG_FILE).exists():
-        return
-    record = checkpointing.read_run_config(run_dir)
-    if record["model"] != json.loads(config.to_json()) or record["tokenizer"] != tokenizer_spec:
-        raise ValueError(
-            f"{run_dir} holds a run of a different model or tokenizer; pass another --out, or the same "
-            "arguments as that run to resume it"
-        )
 
 
 def _abstract_state(config: ModelConfig, args: TrainArgs, tx, mesh):
@@ -184,9 +173,11 @@ def train(args: TrainArgs) -> Path:
     infinite (no checkpoint of that step or later is written) and ValueError for bad arguments;
     the checkpoint manager, metrics files, progress bar and signal handlers are closed either way."""
     mesh = sharding.make_mesh(args.mesh)
+    run_dir = args.run_dir()
+    args = run_folder.inherit_warmup(args, run_dir)
     _check_args(args, mesh)
     lead = jax.process_index() == 0
-    run_dir = args.run_dir()
+    run_folder.check_usable(run_dir, lead)
     base_config, tokenizer_spec = _starting_point(args)
     stream = data.build(
         args.data, tokenizer_spec, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
@@ -198,10 +189,9 @@ def train(args: TrainArgs) -> Path:
         seed=args.seed, process_index=jax.process_index(), process_count=jax.process_count(),
     )
     config = _model_config(args, tokenizer.vocab_size, base_config)
-    _check_run_folder(run_dir, config, tokenizer.spec)
-    if lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpointing.write_run_config(run_dir, config, tokenizer.spec, _jsonable(args))
+    recorded_args = _jsonable(dataclasses.replace(args, warmup=args.warmup_steps()))
+    data_identity = run_folder.data_identity(args.data, stream.fingerprint)
+    run_folder.check_same_run(run_dir, config, tokenizer.spec, recorded_args, data_identity)
 
     schedule = optimizer.learning_rate_schedule(args.lr, args.warmup_steps(), args.steps, args.schedule)
     tx = optimizer.adamw(schedule, weight_decay=args.weight_decay, clip_norm=args.clip_norm)
@@ -211,15 +201,16 @@ def train(args: TrainArgs) -> Path:
     # the signal handlers, the metrics files and TensorBoard writer, and the checkpoint manager
     # (whose close waits for the saves in flight).
     with contextlib.ExitStack() as cleanup:
-        mgr = cleanup.enter_context(contextlib.closing(checkpointing.manager(run_dir, args.keep_checkpoints)))
-        log = cleanup.enter_context(MetricsLog(run_dir, enabled=lead))
-        stop = cleanup.enter_context(_StopSignal())
         cleanup.enter_context(jax.set_mesh(mesh))
         abstract_model, graphdef, abstract_state, shardings = _abstract_state(config, args, tx, mesh)
         train_step, evaluate = jit_steps(
             graphdef, shardings, tx, schedule, weights, grad_accum=args.grad_accum,
             use_selection_bias=config.use_selection_bias, mesh=mesh,
         )
+        if lead:  # only once the model is built: a config that fails to build leaves no record
+            checkpointing.write_run_config(run_dir, config, tokenizer.spec, recorded_args, data_identity)
+            checkpointing.save_tokenizer(run_dir, tokenizer)
+        mgr = cleanup.enter_context(checkpointing.open_manager(run_dir, args.keep_checkpoints))
         start = 0
         restored = checkpointing.restore_latest(mgr, checkpointing.abstract_like(abstract_state, shardings))
         if restored is None:
@@ -230,6 +221,8 @@ def train(args: TrainArgs) -> Path:
             stream.restore(meta["data"])
             if lead:
                 tqdm.write(f"resumed {run_dir} at step {start}")
+        log = cleanup.enter_context(MetricsLog(run_dir, enabled=lead, resume_step=start))
+        stop = cleanup.enter_context(_StopSignal())
 
         n_params = count_params(abstract_model)
         tokens_per_step = args.batch_size * args.seq_len
@@ -273,7 +266,7 @@ def train(args: TrainArgs) -> Path:
             if save_now:
                 checkpointing.save(mgr, step, state, data_position)
             if stopping:
-                mgr.wait_until_finished()
+                checkpointing.finish_saves(mgr)
                 raise Stopped(stopping, step, run_dir / "checkpoints")
             window_start = time.perf_counter()  # evaluation and saving are not train throughput
         bar.close()

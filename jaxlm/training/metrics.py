@@ -59,14 +59,21 @@ def with_rates(values: dict[str, float], *, seconds_per_step: float, tokens_per_
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool = True):
-        self.run_dir, self.enabled = Path(run_dir), enabled
-        self._file = open(self.run_dir / METRICS_FILE, "a") if enabled else None
-        self._board = None
-        if enabled:
-            from tensorboardX import SummaryWriter
+    """Appends to metrics.jsonl and the TensorBoard events of ``run_dir``. A run resumed at
+    ``resume_step`` first drops what was logged after that step (the steps it will replay), so
+    that each step appears once."""
 
-            self._board = SummaryWriter(str(self.run_dir / "tensorboard"))
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int = 0):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self._file = self._board = None
+        if not enabled:
+            return
+        _drop_records_after(self.run_dir / METRICS_FILE, resume_step)
+        self._file = open(self.run_dir / METRICS_FILE, "a")
+        from tensorboardX import SummaryWriter
+
+        # purge_step: TensorBoard hides the events of steps >= it written before this writer.
+        self._board = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, step: int, values: dict[str, float], split: str = "train") -> None:
         if not self.enabled:
@@ -89,9 +96,37 @@ class MetricsLog:
         self.close()
 
 
+def _parse_records(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise ValueError(f"{path} line {number} is not a jaxlm metrics record: {line[:80]!r}")
+        records.append(record)
+    return records
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrites metrics.jsonl without the records of steps after ``step`` (atomically)."""
+    if not path.exists():
+        return
+    records = _parse_records(path)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) < len(records):
+        partial = path.with_suffix(".jsonl.partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        partial.replace(path)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl, in the order they were logged ([] without the file)."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return _parse_records(path) if path.exists() else []
 
 
 def plot_loss(run_dir: Path) -> Path:
