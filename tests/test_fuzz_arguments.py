@@ -93,7 +93,8 @@ def _mutate(case: dict, mutation, op: str, hv: int, h: int) -> bool:
     return True
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 60 cases on every run, so that the suite passes or fails the same way.
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(calls())
 def test_arguments_raise_value_error_or_give_the_recurrent_result(case):
     op, args, must_raise = case
