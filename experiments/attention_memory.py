@@ -48,10 +48,14 @@ import threading
 import time
 from typing import Callable
 
+if __package__ in (None, ""):  # run as a file: make ``experiments`` importable from the repository root
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import reporting
 from jaxlm import ops
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -218,12 +222,7 @@ def run(seq_lens: list[int], run_limit: float, repeats: int, csv_path: pathlib.P
     total is at most ``run_limit`` bytes, each case in a fresh child process (``in_process``: in
     this one, which is quicker and makes the RSS figures rough). Rows (keys FIELDS) are printed
     and, with csv_path, written as they come."""
-    rows = []
-    fh = open(csv_path, "w", newline="") if csv_path else None
-    writer = csv.DictWriter(fh, fieldnames=FIELDS) if fh else None
-    if writer:
-        writer.writeheader()
-    try:
+    with reporting.RowWriter(csv_path, FIELDS) as out:
         for t in seq_lens:
             for form in FORMS:
                 for pass_name in PASSES:
@@ -239,19 +238,13 @@ def run(seq_lens: list[int], run_limit: float, repeats: int, csv_path: pathlib.P
                         got = measure_in_child(form, t, backward, repeats, address_limit=int(run_limit + 4 * GIB))
                         row["status"] = got.pop("status")
                         row.update(got)
-                    rows.append(row)
-                    if writer:
-                        writer.writerow(row)
-                        fh.flush()
+                    out.add(row)
                     seconds = f"{row['seconds'] * 1e3:10.1f} ms" if row["seconds"] != "" else " " * 13
                     measured = f"{row['measured_bytes'] / 2**20:9.1f}" if row["measured_bytes"] != "" else " " * 9
                     print(f"T={t:6d} {form:12s} {pass_name:7s} compiled {mem['total'] / 2**20:10.1f} MiB "
                           f"(temp+out {(mem['temp'] + mem['out']) / 2**20:10.1f})  measured {measured} MiB "
                           f"{seconds}  {row['status']}", flush=True)
-    finally:
-        if fh:
-            fh.close()
-    return rows
+    return out.rows
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
@@ -280,7 +273,6 @@ def plot(rows: list[dict], path: pathlib.Path | None = None, title: str = ""):
     if path is not None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(13, 5.5))
     for form in FORMS:
@@ -300,16 +292,11 @@ def plot(rows: list[dict], path: pathlib.Path | None = None, title: str = ""):
     for ax in (ax_m, ax_t):
         ax.set_xlabel("sequence length T")
         ax.grid(True, which="both", alpha=0.3)
-    ax_m.legend([Line2D([], [], color=FORM_COLORS[f], lw=2) for f in FORMS], list(FORMS), title="form",
+    ax_m.legend([reporting.line(FORM_COLORS[f]) for f in FORMS], list(FORMS), title="form",
                 loc="upper left", fontsize=8)
-    ax_t.legend([Line2D([], [], color="gray", ls=PASS_STYLES[p], lw=2) for p in PASSES]
-                + [Line2D([], [], color="gray", ls="none", marker="s", mfc="none")],
+    ax_t.legend([reporting.line(ls=PASS_STYLES[p]) for p in PASSES] + [reporting.point("s", filled=False)],
                 ["forward", "forward + backward", "measured RSS"], loc="upper left", fontsize=8)
-    fig.suptitle(title or f"exact causal attention, B={B}, H={H}, D={D}, float32")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return reporting.finish(fig, title or f"exact causal attention, B={B}, H={H}, D={D}, float32", path)
 
 
 def report(rows: list[dict]) -> None:
@@ -368,10 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         run(args.seq_lens, args.run_limit_gb * GIB, args.repeats, csv_path, in_process=args.in_process)
         print(f"measured in {time.perf_counter() - start:.0f} s; load average {os.getloadavg()}")
-    rows = read_rows(csv_path)
-    report(rows)
-    plot(rows, png)
-    print(f"\nwrote {csv_path} and {png}")
+    reporting.report_and_plot(csv_path, png, read_rows, report, plot)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments import reporting
 from experiments.attention_memory import PeakRSS
 from jaxlm.layers.cache import RecurrentCache
 from jaxlm.models import LM, ModelConfig, preset
@@ -455,7 +456,6 @@ def plot(rows: list[dict], path: pathlib.Path | None = None):
     if path is not None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
     panels = (("s_per_token", 1e6, "prefill µs per token"),
@@ -483,19 +483,13 @@ def plot(rows: list[dict], path: pathlib.Path | None = None):
         ax.grid(True, which="both", alpha=0.3)
     families = list(dict.fromkeys(r["model"] for r in rows))
     sizes = list(dict.fromkeys(r["size"] for r in rows))
-    axes[0].legend([Line2D([], [], color=FAMILY_COLORS.get(f, "gray"), lw=2) for f in families]
-                   + [Line2D([], [], color="gray", ls=SIZE_STYLES.get(s, ":"), lw=2) for s in sizes],
+    axes[0].legend([reporting.line(FAMILY_COLORS.get(f, "gray")) for f in families]
+                   + [reporting.line(ls=SIZE_STYLES.get(s, ":")) for s in sizes],
                    families + sizes, fontsize=8, loc="upper left")
-    axes[1].legend([Line2D([], [], ls="none", marker="o", color="gray"),
-                    Line2D([], [], ls="none", marker="o", mfc="none", color="gray")]
-                   + [Line2D([], [], ls="none", marker=m, mew=2, color="gray") for m in RAN_OUT.values()],
+    axes[1].legend([reporting.point(), reporting.point(filled=False)] + [reporting.point(m, mew=2) for m in RAN_OUT.values()],
                    ["full prefill", "sampled (last pieces)", "out of memory (its peak)", "out of time (its peak)"],
                    fontsize=8, loc="upper left")
-    fig.suptitle("long contexts: prefill in pieces, batch 1, float32, random weights")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return reporting.finish(fig, "long contexts: prefill in pieces, batch 1, float32, random weights", path)
 
 
 def report(rows: list[dict]) -> None:
@@ -596,10 +590,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep(args.models, args.contexts, args.piece, args.decode_steps, args.full_budget_s,
               args.recurrent_full_budget_s, args.sample_budget_s, int(args.memory_limit_gb * GIB), csv_path)
         print(f"swept in {time.perf_counter() - start:.0f} s; load average {os.getloadavg()}", flush=True)
-    rows = read_rows(csv_path)
-    report(rows)
-    plot(rows, png)
-    print(f"\nwrote {csv_path} and {png}")
+    reporting.report_and_plot(csv_path, png, read_rows, report, plot)
 
 
 if __name__ == "__main__":

@@ -36,15 +36,20 @@ import csv
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+
+if __package__ in (None, ""):  # run as a file: make ``experiments`` importable from the repository root
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments import reporting
 from jaxlm import data
 from jaxlm.models import LM, ModelConfig, count_params, preset
 from jaxlm.models.flops import flops_per_token
@@ -179,12 +184,7 @@ def run_all(runs: list[Run], *, steps: int, batch_size: int, seq_len: int, lr: f
     """Trains every run in turn; rows (keys FIELDS) are printed and written as they come."""
     val_batches = data.validation_batches("default", "byte", seq_len=seq_len, batch_size=batch_size,
                                           num_batches=eval_batches, seed=seed)
-    rows = []
-    fh = open(csv_path, "w", newline="") if csv_path else None
-    writer = csv.DictWriter(fh, fieldnames=FIELDS) if fh else None
-    if writer:
-        writer.writeheader()
-    try:
+    with reporting.RowWriter(csv_path, FIELDS) as out:
         for run in runs:
             c = run.config
             base = dict(run=run.label, n_experts=run.n_experts, variant=run.variant,
@@ -197,25 +197,17 @@ def run_all(runs: list[Run], *, steps: int, batch_size: int, seq_len: int, lr: f
             def on_eval(step, train_loss, val, load, seconds, base=base):
                 row = dict(base, step=step, tokens=step * batch_size * seq_len, train_loss=train_loss, val_loss=val,
                            expert_load_max="" if load is None else load, seconds=seconds, expert_counts="")
-                rows.append(row)
-                if writer:
-                    writer.writerow(row)
-                    fh.flush()
+                out.add(row)
                 extra = "" if load is None else f", busiest expert {load:.2f}x the mean"
                 print(f"  step {step:5d}: train {train_loss:.4f}, validation {val:.4f} nats/byte{extra} "
                       f"({seconds:.0f} s)", flush=True)
 
-            out = train_run(run, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
-                            eval_every=eval_every, val_batches=val_batches, seed=seed, on_eval=on_eval)
-            if out["expert_counts"] is not None:
-                rows[-1]["expert_counts"] = json.dumps(out["expert_counts"].tolist())
-                if writer:  # the final row again, now with the counts; read_rows keeps the last of a step
-                    writer.writerow(rows[-1])
-                    fh.flush()
-    finally:
-        if fh:
-            fh.close()
-    return rows
+            result = train_run(run, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
+                               eval_every=eval_every, val_batches=val_batches, seed=seed, on_eval=on_eval)
+            if result["expert_counts"] is not None:  # the final row again, now with the counts
+                out.rows[-1]["expert_counts"] = json.dumps(result["expert_counts"].tolist())
+                out.write_again()
+    return out.rows
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
@@ -277,7 +269,6 @@ def plot(rows: list[dict], path: pathlib.Path | None = None):
     if path is not None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     fig, (ax_l, ax_p, ax_e) = plt.subplots(1, 3, figsize=(18, 5.5))
     finals = final_rows(rows)
@@ -308,19 +299,14 @@ def plot(rows: list[dict], path: pathlib.Path | None = None):
     plot_expert_load(finals, ax_e)
     es = sorted({r["n_experts"] for r in rows})
     variants = [v for v in ("dense", "loss", "bias") if any(r["variant"] == v for r in rows)]
-    ax_l.legend([Line2D([], [], color=E_COLORS.get(e, "gray"), lw=2) for e in es]
-                + [Line2D([], [], color="gray", ls=VARIANT_STYLES[v], lw=2) for v in variants if v != "dense"],
+    ax_l.legend([reporting.line(E_COLORS.get(e, "gray")) for e in es]
+                + [reporting.line(ls=VARIANT_STYLES[v]) for v in variants if v != "dense"],
                 ["dense" if e == 0 else f"E={e}, top-2" for e in es]
                 + [{"loss": "balancing loss", "bias": "aux-loss-free bias"}[v] for v in variants if v != "dense"],
                 fontsize=8, loc="upper right")
-    ax_p.legend([Line2D([], [], ls="none", marker="o", color="gray"),
-                 Line2D([], [], ls="none", marker="o", mfc="none", color="gray")],
+    ax_p.legend([reporting.point(), reporting.point(filled=False)],
                 ["balancing loss (dense: filled)", "aux-loss-free bias"], fontsize=8, loc="upper right")
-    fig.suptitle("MoE at fixed active compute: transformer tiny, every SwiGLU → E experts, top-2")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return reporting.finish(fig, "MoE at fixed active compute: transformer tiny, every SwiGLU → E experts, top-2", path)
 
 
 def report(rows: list[dict]) -> None:
@@ -382,10 +368,7 @@ def main(argv: list[str] | None = None) -> None:
                 warmup=args.warmup, eval_every=args.eval_every, eval_batches=args.eval_batches, csv_path=csv_path,
                 seed=args.seed)
         print(f"trained in {time.perf_counter() - start:.0f} s; load average {os.getloadavg()}")
-    rows = read_rows(csv_path)
-    report(rows)
-    plot(rows, png)
-    print(f"\nwrote {csv_path} and {png}")
+    reporting.report_and_plot(csv_path, png, read_rows, report, plot)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,23 @@ ERRORS = {
 }
 
 
+CACHED_ERRORS = {
+    "new_tokens": (dict(k=jnp.zeros((1, 5, 2, 8)), v=jnp.zeros((1, 5, 2, 8))), "same T=6 new tokens as q, got S=5"),
+    "heads": (dict(k=jnp.zeros((1, 6, 3, 8)), v=jnp.zeros((1, 6, 3, 8))), "multiple"),
+    "v_len": (dict(v=jnp.zeros((1, 5, 2, 8))), "v must have shape"),
+    "q_int": (dict(q=jnp.zeros((1, 6, 4, 8), jnp.int32)), "floating"),
+    "cache_heads": (dict(cache=ops.KVCache.empty(1, 3, 16, 8, 8, jnp.float32)), r"cache.k must have shape \[B=1, Hk=2"),
+    "window_zero": (dict(window=0), "window"),
+}
+
+
+@pytest.mark.parametrize("kwargs,match", CACHED_ERRORS.values(), ids=CACHED_ERRORS.keys())
+def test_cached_attention_bad_arguments_raise(kwargs, match):
+    args = {**dict(q=q4, k=kv2, v=kv2, cache=ops.KVCache.empty(1, 2, 16, 8, 8, jnp.float32)), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ops.cached_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cache"), **args)
+
+
 @pytest.mark.parametrize("kwargs,match", ERRORS.values(), ids=ERRORS.keys())
 def test_bad_arguments_raise(kwargs, match):
     args, kwargs = dict(q=q4, k=kv2, v=kv2), dict(kwargs)

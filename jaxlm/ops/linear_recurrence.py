@@ -57,54 +57,6 @@ def check_common(q, k, v, *, forms: FormTable, scale, initial_state, segment_ids
     return dims
 
 
-def canonicalize(
-    q: QK,
-    k: QK,
-    v: Values,
-    *,
-    scale: float | None,
-    initial_state: State | None,
-    segment_ids: SegmentIds | None,
-    log_gate: ScalarGate | VectorGate | None = None,
-    beta: Beta | None = None,
-) -> tuple[Canonical, ScalarGate | VectorGate | None, Beta | None, nonfinite.Poison]:
-    """The inputs as every form takes them, with non-finite values isolated (ops.nonfinite).
-
-    log_gate: [B, T, HV] or [B, T, HV, K] log decays, or None; beta: [B, T, HV] or None.
-    Returns (Canonical, the gate and beta in float32 or None, and the Poison the non-finite
-    inputs leave on the outputs). Every array handed on is finite.
-    """
-    b, t, h, dk = q.shape
-    hv, dv = v.shape[2:]
-    groups = hv // h
-    scale = dk**-0.5 if scale is None else scale
-    f32 = jnp.float32
-    q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
-    s0 = jnp.zeros((b, hv, dk, dv), f32) if initial_state is None else initial_state.astype(f32)
-    reset = segment_starts(segment_ids, b, t)
-
-    (q, query_bad), (k, key_bad), (v, value_bad) = (nonfinite.isolate(x, 3) for x in (q, k, v))
-    s0, state_bad = nonfinite.isolate(s0, 2)
-    query_bad = repeat_heads(query_bad, groups)
-    write_bad = repeat_heads(key_bad, groups) | value_bad
-    if log_gate is not None:
-        log_gate = log_gate.astype(f32)
-        bad_gate = nonfinite.bad_log_gate(log_gate)
-        write_bad = write_bad | nonfinite.any_trailing(bad_gate, 3)
-        log_gate = jnp.where(bad_gate, 0.0, log_gate)
-    if beta is not None:
-        beta = beta.astype(f32)
-        beta, beta_bad = nonfinite.isolate(beta, 3)
-        write_bad = write_bad | beta_bad
-    reached = nonfinite.reached_in_document(write_bad, reset, state_bad)
-    poison = nonfinite.Poison(output=reached | query_bad, final_state=reached[:, -1])
-
-    q = repeat_heads(q * scale, groups)
-    k = repeat_heads(k, groups)
-    c = Canonical(q, k, v, reset, s0)
-    return c, log_gate, beta, poison
-
-
 def run_chunk_form(
     prepare: Callable, advance: Callable, readout: Callable, per_token: tuple, reset: Resets, s0: State,
     chunk_size: int,
@@ -193,7 +145,7 @@ def run_pallas(
 
 
 def run_forms(
-    forms: Any,
+    forms: FormTable,
     impl: Any,
     q: QK,
     k: QK,
@@ -207,21 +159,44 @@ def run_forms(
     log_gate: ScalarGate | VectorGate | None = None,
     beta: Beta | None = None,
 ) -> tuple[Values, State | None]:
-    """The shared body of the public recurrences, after their arguments are validated:
-    canonicalise, run the form ``impl`` picks from ``forms`` (an ops.dispatch.FormTable) on
-    (canonical inputs, log_gate, beta), those given, and finish."""
-    c, log_gate, beta, poison = canonicalize(
-        q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids, log_gate=log_gate, beta=beta
-    )
+    """The shared body of the public recurrences, after their arguments are validated: the inputs
+    as every form takes them (Canonical, float32, non-finite values isolated by ops.nonfinite so
+    that every array handed on is finite), the form ``impl`` picks from ``forms`` run on
+    (Canonical, log_gate, beta), those given, and the outputs finished: o in v's dtype, the final
+    state float32 (or None when not asked for), each NaN where the non-finite inputs reach.
+
+    log_gate: [B, T, HV] or [B, T, HV, K] log decays, or None; beta: [B, T, HV] or None.
+    """
+    v_dtype = v.dtype
+    b, t, h, dk = q.shape
+    hv, dv = v.shape[2:]
+    groups = hv // h
+    scale = dk**-0.5 if scale is None else scale
+    f32 = jnp.float32
+    q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
+    s0 = jnp.zeros((b, hv, dk, dv), f32) if initial_state is None else initial_state.astype(f32)
+    reset = segment_starts(segment_ids, b, t)
+
+    (q, query_bad), (k, key_bad), (v, value_bad) = (nonfinite.isolate(x, 3) for x in (q, k, v))
+    s0, state_bad = nonfinite.isolate(s0, 2)
+    query_bad = repeat_heads(query_bad, groups)
+    write_bad = repeat_heads(key_bad, groups) | value_bad
+    if log_gate is not None:
+        log_gate = log_gate.astype(f32)
+        bad_gate = nonfinite.bad_log_gate(log_gate)
+        write_bad = write_bad | nonfinite.any_trailing(bad_gate, 3)
+        log_gate = jnp.where(bad_gate, 0.0, log_gate)
+    if beta is not None:
+        beta = beta.astype(f32)
+        beta, beta_bad = nonfinite.isolate(beta, 3)
+        write_bad = write_bad | beta_bad
+    reached = nonfinite.reached_in_document(write_bad, reset, state_bad)
+    poison = nonfinite.Poison(output=reached | query_bad, final_state=reached[:, -1])
+
+    q = repeat_heads(q * scale, groups)
+    k = repeat_heads(k, groups)
+    c = Canonical(q, k, v, reset, s0)
     gates = tuple(x for x in (log_gate, beta) if x is not None)
-    o, s = forms.run(impl, c, *gates, chunk_size=chunk_size)
-    return finish(o, s, poison, v.dtype, output_final_state)
-
-
-def finish(
-    o: Values, s_final: State, poison: nonfinite.Poison, v_dtype: Any, output_final_state: bool
-) -> tuple[Values, State | None]:
-    """o in v's dtype and the final state float32 (or None when not asked for), each NaN where
-    the poison reaches."""
+    o, s_final = forms.run(impl, c, *gates, chunk_size=chunk_size)
     o, s_final = poison.apply(o, s_final)
     return o.astype(v_dtype), (s_final if output_final_state else None)

@@ -20,8 +20,11 @@ RESUME_FIELDS = ("seq_len", "batch_size", "seed", "grad_accum", "lr", "warmup", 
 
 
 def check_usable(run_dir: Path, lead: bool) -> None:
-    """ValueError unless ``run_dir`` is absent, an empty folder or a jaxlm run folder, and the
-    lead process can write to it (it is created here)."""
+    """On the lead process (the one that writes the folder; the others would race its writes):
+    ValueError unless ``run_dir`` is absent, an empty folder or a jaxlm run folder that this
+    process can write to. The folder is created here."""
+    if not lead:
+        return
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--out {run_dir} is a file; pass a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
@@ -30,8 +33,6 @@ def check_usable(run_dir: Path, lead: bool) -> None:
         except ValueError as err:
             raise ValueError(f"--out {run_dir} holds something other than a jaxlm run ({err}); pass a new or "
                              "empty folder") from None
-    if not lead:
-        return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".jaxlm-write-check"

@@ -15,18 +15,8 @@ from kernels_pallas.recurrence_config import make_config
 _run = chunked_recurrence("delta", forward_step, backward_step, n_diff_keys=4)
 
 
-def gated_delta_rule(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    b: jax.Array,
-    n: jax.Array,
-    beta: jax.Array,
-    s0: jax.Array,
-    *,
-    chunk: int,
-    **options: Any,
-) -> tuple[jax.Array, jax.Array]:
+def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, n: jax.Array, beta: jax.Array,
+                     s0: jax.Array, *, chunk: int, **options: Any) -> tuple[jax.Array, jax.Array]:
     """Chunked gated delta rule in the kernel layout (see kernels_pallas.recurrence_config).
 
     Args:

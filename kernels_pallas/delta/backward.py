@@ -30,17 +30,8 @@ def _rowsum(x: jax.Array) -> jax.Array:
     return jnp.sum(x, axis=1, keepdims=True)
 
 
-def backward_step(
-    refs: Sequence[Any],
-    do_ref: Any,
-    grad_refs: Sequence[Any],
-    start: Any,
-    s: jax.Array,
-    ds_next: jax.Array,
-    *,
-    chunk: int,
-    precision: Any,
-) -> jax.Array:
+def backward_step(refs: Sequence[Any], do_ref: Any, grad_refs: Sequence[Any], start: Any, s: jax.Array,
+                  ds_next: jax.Array, *, chunk: int, precision: Any) -> jax.Array:
     """refs as in forward_step; grad_refs: dq, dk, db, dbeta (partial over value blocks), dv."""
     q_ref, k_ref, b_ref, beta_ref, n_ref, v_ref = refs
     dq_ref, dk_ref, db_ref, dbeta_ref, dv_ref = grad_refs

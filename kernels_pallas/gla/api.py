@@ -15,17 +15,8 @@ from kernels_pallas.recurrence_config import make_config
 _run = chunked_recurrence("gla", forward_step, backward_step, n_diff_keys=3)
 
 
-def gla(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    b: jax.Array,
-    n: jax.Array,
-    s0: jax.Array,
-    *,
-    chunk: int,
-    **options: Any,
-) -> tuple[jax.Array, jax.Array]:
+def gla(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, n: jax.Array, s0: jax.Array, *, chunk: int,
+        **options: Any) -> tuple[jax.Array, jax.Array]:
     """Chunked vector-gate recurrence in the kernel layout (see kernels_pallas.recurrence_config).
 
     Args:

@@ -23,17 +23,8 @@ from kernels_pallas import tile_math as tm
 from kernels_pallas.gla.forward import SUB, diag_block, end_decays
 
 
-def backward_step(
-    refs: Sequence[Any],
-    do_ref: Any,
-    grad_refs: Sequence[Any],
-    start: Any,
-    s: jax.Array,
-    ds_next: jax.Array,
-    *,
-    chunk: int,
-    precision: Any,
-) -> jax.Array:
+def backward_step(refs: Sequence[Any], do_ref: Any, grad_refs: Sequence[Any], start: Any, s: jax.Array,
+                  ds_next: jax.Array, *, chunk: int, precision: Any) -> jax.Array:
     """refs as in forward_step; grad_refs: dq, dk, db (partial over value blocks), dv."""
     q_ref, k_ref, b_ref, n_ref, v_ref = refs
     dq_ref, dk_ref, db_ref, dv_ref = grad_refs

@@ -15,17 +15,8 @@ from kernels_pallas.simple_gla.forward import forward_step
 _run = chunked_recurrence("simple_gla", forward_step, backward_step, n_diff_keys=3)
 
 
-def simple_gla(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    b: jax.Array,
-    n: jax.Array,
-    s0: jax.Array,
-    *,
-    chunk: int,
-    **options: Any,
-) -> tuple[jax.Array, jax.Array]:
+def simple_gla(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, n: jax.Array, s0: jax.Array, *,
+               chunk: int, **options: Any) -> tuple[jax.Array, jax.Array]:
     """Chunked scalar-gate recurrence in the kernel layout (see kernels_pallas.recurrence_config).
 
     Args:

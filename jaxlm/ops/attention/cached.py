@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.ops import nonfinite, validation
-from jaxlm.ops.attention.api import check_window, poison_heads
+from jaxlm.ops.attention.api import check_attention_qkv, check_window, poison_heads
 from jaxlm.ops.attention.xla import masked_attention
 from jaxlm.ops.dispatch import FormTable, Impl
 from jaxlm.ops.sequence import segment_starts
@@ -109,22 +109,9 @@ def write_slot(buf: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
 
 
 def _check_args(q: Any, k: Any, v: Any, cache: KVCache, segment_ids: Any, scale: Any, window: Any) -> None:
-    validation.check_rank("q", q, 4, "BTHK")
-    validation.check_rank("k", k, 4, ("B", "T", "Hk", "K"))
-    validation.check_rank("v", v, 4, ("B", "T", "Hk", "V"))
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        validation.check_float(name, x)
-    b, t, h, dk = np.shape(q)
-    _, _, hk, dv = np.shape(v)
-    if np.shape(k) != (b, t, hk, dk) or np.shape(v)[:2] != (b, t):
-        raise ValueError(
-            f"k must have shape [B={b}, T={t}, Hk, K={dk}] and v [B={b}, T={t}, Hk, V], got k {np.shape(k)}, "
-            f"v {np.shape(v)}"
-        )
-    if 0 in (b, t, h, dk, hk, dv):
-        raise ValueError(f"q, k and v must be non-empty, got q {np.shape(q)}, k {np.shape(k)}, v {np.shape(v)}")
-    if h % hk:
-        raise ValueError(f"q's head count H={h} must be a multiple of k/v's head count Hk={hk}")
+    b, t, _, dk, s, hk, dv = check_attention_qkv(q, k, v)
+    if s != t:
+        raise ValueError(f"k and v must hold the same T={t} new tokens as q, got S={s}")
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
     slots = np.shape(cache.k)[2] if np.ndim(cache.k) == 4 else None
