@@ -21,14 +21,29 @@ def _drop_tracebacks(record: logging.LogRecord) -> bool:
     return record.exc_info is None
 
 
+def _dropping_closed_loop_callbacks(previous: Callable[[object], None]) -> Callable[[object], None]:
+    """An unraisable hook that drops one kind: after a failed save, orbax closes its event loop
+    while TensorStore's other writes are still in flight, and each of them, completing, fails to
+    schedule its callback there ("Event loop is closed"), hundreds of tracebacks printed from
+    TensorStore's threads, depending on timing. Everything else goes to ``previous``."""
+
+    def hook(unraisable) -> None:
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    return hook
+
+
 def report_user_errors(body: Callable[[], T]) -> T:
     """Runs ``body``. A ValueError (a bad argument, file or folder) or an OSError (a path that
     cannot be read or written, a full disk) exits with status 1 and its message alone on stderr,
     unless JAXLM_DEBUG is set, when it propagates with its traceback (and background threads'
-    logged tracebacks are shown too)."""
+    logged and unraisable tracebacks are shown too)."""
     if not os.environ.get(DEBUG_VARIABLE):
         for name in _BACKGROUND_LOGGERS:
             logging.getLogger(name).addFilter(_drop_tracebacks)
+        sys.unraisablehook = _dropping_closed_loop_callbacks(sys.unraisablehook)
     try:
         return body()
     except (ValueError, OSError) as err:

@@ -61,3 +61,20 @@ def test_the_cli_prints_the_message_without_a_traceback(tmp_path):
     assert "Traceback" not in got.stderr and "JAXLM_DEBUG=1" in got.stderr
     debug = subprocess.run(argv, capture_output=True, text=True, env={**env, "JAXLM_DEBUG": "1"}, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ValueError: --lr must be" in debug.stderr
+
+
+def test_the_cli_drops_only_the_closed_event_loop_reports_of_writes_in_flight():
+    """After a failed save, TensorStore's writes still in flight report "Event loop is closed"
+    through sys.unraisablehook; the CLI's hook drops those and passes every other one on."""
+    from types import SimpleNamespace
+
+    from jaxlm.cli import _dropping_closed_loop_callbacks
+
+    passed = []
+    hook = _dropping_closed_loop_callbacks(passed.append)
+    closed = SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other_runtime = SimpleNamespace(exc_value=RuntimeError("Event loop is closed soon"))
+    other_kind = SimpleNamespace(exc_value=ValueError("Event loop is closed"))
+    for unraisable in (closed, other_runtime, other_kind):
+        hook(unraisable)
+    assert passed == [other_runtime, other_kind]
