@@ -32,7 +32,14 @@ def _dropping_closed_loop_callbacks(previous: Callable[[object], None]) -> Calla
         if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
             previous(unraisable)
 
+    hook.drops_closed_loop_reports = True
     return hook
+
+
+def _drop_closed_loop_reports() -> None:
+    """Installs that hook once per process (the CLIs' mains may run many times in one, as in the tests)."""
+    if not getattr(sys.unraisablehook, "drops_closed_loop_reports", False):
+        sys.unraisablehook = _dropping_closed_loop_callbacks(sys.unraisablehook)
 
 
 def report_user_errors(body: Callable[[], T]) -> T:
@@ -43,7 +50,7 @@ def report_user_errors(body: Callable[[], T]) -> T:
     if not os.environ.get(DEBUG_VARIABLE):
         for name in _BACKGROUND_LOGGERS:
             logging.getLogger(name).addFilter(_drop_tracebacks)
-        sys.unraisablehook = _dropping_closed_loop_callbacks(sys.unraisablehook)
+        _drop_closed_loop_reports()
     try:
         return body()
     except (ValueError, OSError) as err:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from jaxlm import cli
 from jaxlm.training import optimizer
 from jaxlm.training.args import parse_args
 from jaxlm.training.loop import train
@@ -63,15 +65,16 @@ def test_the_cli_prints_the_message_without_a_traceback(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ValueError: --lr must be" in debug.stderr
 
 
-def test_the_cli_drops_only_the_closed_event_loop_reports_of_writes_in_flight():
+def test_the_cli_drops_only_the_closed_event_loop_reports_of_writes_in_flight(monkeypatch):
     """After a failed save, TensorStore's writes still in flight report "Event loop is closed"
-    through sys.unraisablehook; the CLI's hook drops those and passes every other one on."""
-    from types import SimpleNamespace
-
-    from jaxlm.cli import _dropping_closed_loop_callbacks
-
+    through sys.unraisablehook; the CLI's hook drops those and passes every other one on, and
+    running a CLI again in the same process does not wrap it twice."""
     passed = []
-    hook = _dropping_closed_loop_callbacks(passed.append)
+    monkeypatch.setattr(sys, "unraisablehook", passed.append)
+    cli._drop_closed_loop_reports()
+    hook = sys.unraisablehook
+    cli._drop_closed_loop_reports()
+    assert sys.unraisablehook is hook
     closed = SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
     other_runtime = SimpleNamespace(exc_value=RuntimeError("Event loop is closed soon"))
     other_kind = SimpleNamespace(exc_value=ValueError("Event loop is closed"))
