@@ -53,11 +53,15 @@ OPS = {
         lambda x, impl: ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], impl=impl)[0],
         ("q", "k", "v", "g", "beta"),
     ),
+    "kda": (
+        lambda x, impl: ops.kda(x["q"], x["k"], x["v"], x["gk"], x["beta"], impl=impl)[0],
+        ("q", "k", "v", "gk", "beta"),
+    ),
     "attention": (lambda x, impl: ops.attention(x["q"], x["k"], x["v"], causal=True), ("q", "k", "v")),
 }
 FORMS = ("recurrent", "associative", "chunk")
 # One colour per op and one line style per form, so that no two curves look alike.
-OP_COLORS = dict(zip(OPS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "black")))
+OP_COLORS = dict(zip(OPS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:cyan", "black")))
 FORM_STYLES = {"recurrent": ":", "associative": "--", "chunk": "-", "xla": "-."}
 
 
@@ -185,13 +189,15 @@ def _lookup(curves, op, impl, t, key="fwd_bwd_s"):
 
 def _targets(curves) -> None:
     print("\nTargets (ratios from this run):")
-    rec, chunk = _lookup(curves, "gated_delta_rule", "recurrent", 4096), _lookup(curves, "gated_delta_rule", "chunk", 4096)
-    if rec and chunk:
-        print(f"  gated_delta_rule chunk vs recurrent, T=4096 fwd+bwd: {rec / chunk:.1f}x faster (target >= 4x)")
-    rs = curves.get(("gated_delta_rule", "chunk"), [])
-    ts = [r["T"] for r in rs]
-    if len(ts) >= 2:
-        print(f"  gated_delta_rule chunk fwd+bwd exponent 2K-16K: {fit_exponent(ts, [r['fwd_bwd_s'] for r in rs]):.2f} (target <= 1.15)")
+    for op in ("gated_delta_rule", "kda"):
+        rec, chunk = _lookup(curves, op, "recurrent", 4096), _lookup(curves, op, "chunk", 4096)
+        if rec and chunk:
+            print(f"  {op} chunk vs recurrent, T=4096 fwd+bwd: {rec / chunk:.1f}x faster (target >= 4x)")
+        rs = curves.get((op, "chunk"), [])
+        if len(rs) >= 2:
+            exponent = fit_exponent([r["T"] for r in rs], [r["fwd_bwd_s"] for r in rs])
+            print(f"  {op} chunk fwd+bwd exponent 2K-16K: {exponent:.2f} (target <= 1.15)")
+    ts = [r["T"] for r in curves.get(("gated_delta_rule", "chunk"), [])]
     att = curves.get(("attention", "xla"), [])
     if att:
         ta = [r["T"] for r in att]

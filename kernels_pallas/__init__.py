@@ -5,6 +5,7 @@ One folder per op, each with ``forward.py`` and ``backward.py`` kernels joined b
   simple_gla/       scalar-gate chunked recurrence (Mamba-2/SSD, RetNet, Lightning, linear attention)
   gla/              vector-gate chunked recurrence, 16-token secondary chunks
   delta/            (gated) delta rule: per-chunk UT/WY transform with a blocked inverse by matmuls
+  kda/              Kimi Delta Attention: the delta rule with per-channel decays, 16-token sub-blocks
   flash_attention/  causal / windowed / segmented flash attention with GQA
 What the recurrence kernels share:
   recurrence_config.py  the kernel layout and the static, hashable configuration of one call

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxlm import ops
 from jaxlm.ops.attention import ATTENTION_FORMS, CACHED_ATTENTION_FORMS
-from jaxlm.ops.delta.api import DELTA_RULE_FORMS, GATED_DELTA_RULE_FORMS
+from jaxlm.ops.delta.api import DELTA_RULE_FORMS, GATED_DELTA_RULE_FORMS, KDA_FORMS
 from jaxlm.ops.dispatch import FormTable
 from jaxlm.ops.gla.api import GLA_FORMS, LINEAR_ATTN_FORMS, SIMPLE_GLA_FORMS
 from jaxlm.ops.moe.experts import GROUPED_EXPERT_FORMS, grouped_experts
@@ -134,6 +134,10 @@ RECURRENCES = {
         GATED_DELTA_RULE_FORMS,
         lambda x, **kw: ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw),
         ("q", "k", "v", "g", "beta", "s0"), lambda x: _f64(x["g"])[..., None], delta=True,
+    ),
+    "kda": Recurrence(
+        KDA_FORMS, lambda x, **kw: ops.kda(x["q"], x["k"], x["v"], x["gk"], x["beta"], **kw),
+        ("q", "k", "v", "gk", "beta", "s0"), lambda x: _f64(x["gk"]), delta=True,
     ),
 }
 REFERENCE_FORM = "recurrent"
@@ -465,7 +469,7 @@ def _check_grouped_experts_form(impl: str, transform) -> None:
 
 # Every op's FormTable; recurrences sharing a table list it once.
 FORM_TABLES = (
-    LINEAR_ATTN_FORMS, SIMPLE_GLA_FORMS, GLA_FORMS, DELTA_RULE_FORMS, GATED_DELTA_RULE_FORMS,
+    LINEAR_ATTN_FORMS, SIMPLE_GLA_FORMS, GLA_FORMS, DELTA_RULE_FORMS, GATED_DELTA_RULE_FORMS, KDA_FORMS,
     ATTENTION_FORMS, CACHED_ATTENTION_FORMS, GROUPED_EXPERT_FORMS,
 )
 # The other tables: op -> (check(form, transform), whether it also compares gradients).

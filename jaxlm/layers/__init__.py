@@ -8,6 +8,7 @@ from jaxlm.layers.gla import GatedLinearAttention
 from jaxlm.layers.lightning import LightningAttention, lightning_log_decay
 from jaxlm.layers.linear_attention import LinearAttention
 from jaxlm.layers.mamba2 import Mamba2
+from jaxlm.layers.mla import LatentCache, MultiHeadLatentAttention
 from jaxlm.layers.mlp import Relu2MLP, SwiGLU, feed_forward
 from jaxlm.layers.moe import MoE, RouterBias
 from jaxlm.layers.norms import GatedRMSNorm, RMSNorm, gated_rms_norm, rms_norm
@@ -15,7 +16,7 @@ from jaxlm.layers.rotary import apply_rope, rope_frequencies
 
 __all__ = [
     "Attention", "Embedding", "GatedDeltaNet", "GatedLinearAttention", "GatedRMSNorm",
-    "LightningAttention", "LinearAttention", "Mamba2", "MoE", "RMSNorm", "RecurrentCache", "Relu2MLP", "RouterBias",
+    "LatentCache", "LightningAttention", "LinearAttention", "Mamba2", "MoE", "MultiHeadLatentAttention", "RMSNorm", "RecurrentCache", "Relu2MLP", "RouterBias",
     "SwiGLU", "apply_rope", "feed_forward", "gated_rms_norm", "l2_normalize",
     "lightning_log_decay", "rms_norm", "rope_frequencies",
 ]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 import kernels_pallas.delta
 import kernels_pallas.gla
+import kernels_pallas.kda
 import kernels_pallas.simple_gla
 from jaxlm.ops import nonfinite, validation
 from jaxlm.ops.chunked import run_chunked
@@ -77,6 +78,7 @@ _PALLAS_KERNELS = {
     "simple_gla": (kernels_pallas.simple_gla, "simple_gla"),
     "gla": (kernels_pallas.gla, "gla"),
     "delta": (kernels_pallas.delta, "gated_delta_rule"),
+    "kda": (kernels_pallas.kda, "kda"),
 }
 # Kernel tiles are powers of two of at least this size (Triton's smallest matmul side).
 KERNEL_MIN_TILE = 16
@@ -111,11 +113,11 @@ def _kernel_cumsums(g: jax.Array, reset: jax.Array, chunk: int):
 def run_pallas(
     family: str, c: Canonical, g: ScalarGate | VectorGate, chunk_size: int, beta: Beta | None = None
 ) -> tuple[Values, State]:
-    """Runs the Pallas kernel of an op family ("simple_gla", "gla" or "delta"); raises
+    """Runs the Pallas kernel of an op family ("simple_gla", "gla", "delta" or "kda"); raises
     FormUnavailable for head dims past KERNEL_MAX_HEAD_DIM.
 
     g: [B, T, HV] scalar or [B, T, HV, K] vector log gates, float32; beta: [B, T, HV] for the
-    delta rules. The kernel layout is [B*HV, T, D] with T padded to whole chunks (of at least 16
+    delta rules (and KDA). The kernel layout is [B*HV, T, D] with T padded to whole chunks (of at least 16
     tokens) and K, V padded with zeros to powers of two >= 16; zero keys and values leave the
     state as it is, so the padding changes nothing. Returns o [B, T, HV, V] and the final state.
     """

@@ -1,5 +1,5 @@
-"""Delta-rule recurrences: DeltaNet and Gated DeltaNet."""
+"""Delta-rule recurrences: DeltaNet, Gated DeltaNet and Kimi Delta Attention."""
 
-from jaxlm.ops.delta.api import delta_rule, gated_delta_rule
+from jaxlm.ops.delta.api import delta_rule, gated_delta_rule, kda
 
-__all__ = ["delta_rule", "gated_delta_rule"]
+__all__ = ["delta_rule", "gated_delta_rule", "kda"]

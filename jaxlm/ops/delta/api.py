@@ -1,6 +1,6 @@
-"""Public ops for the delta rule (DeltaNet) and the gated delta rule (Gated DeltaNet).
+"""Public ops for the delta rules: DeltaNet, Gated DeltaNet and Kimi Delta Attention (KDA).
 
-Per step t: S <- exp(g_t) S, then S <- S + k_t (β_t (v_t − Sᵀ k_t))ᵀ, then o_t = Sᵀ (scale·q_t):
+Per step t: S <- diag(exp(g_t)) S (one decay per head, or per key channel for KDA), then S <- S + k_t (β_t (v_t − Sᵀ k_t))ᵀ, then o_t = Sᵀ (scale·q_t):
 the state is corrected towards v_t along k_t rather than only added to. The op does not
 normalise k; the layer L2-normalises keys, which with β in (0, 1) keeps the update contractive.
 Shapes follow the "Ops API" section of the design document.
@@ -16,33 +16,40 @@ from jaxlm.ops.delta import chunk
 from jaxlm.ops.delta.associative import delta_associative
 from jaxlm.ops.delta.recurrent import delta_recurrent
 from jaxlm.ops.dispatch import FormTable, Impl
-from jaxlm.typing import QK, Beta, ScalarGate, SegmentIds, State, Values, no_type_check
+from jaxlm.typing import QK, Beta, ScalarGate, SegmentIds, State, TokenGate, Values, VectorGate, no_type_check
 
-# Every form: (c: Canonical, g [B, T, HV] log gates, beta [B, T, HV], float32, *, chunk_size)
-# -> (o [B, T, HV, V] float32, final state [B, HV, K, V]).
-
-
-def _recurrent(c: lr.Canonical, g: ScalarGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
-    return delta_recurrent(c.q, c.k, c.v, g, beta, c.reset, c.s0)
+# Every form: (c: Canonical, g [B, T, HV] or [B, T, HV, K] log gates, beta [B, T, HV], float32,
+# *, chunk_size) -> (o [B, T, HV, V] float32, final state [B, HV, K, V]).
 
 
-def _associative(c: lr.Canonical, g: ScalarGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
-    return delta_associative(c.q, c.k, c.v, g, beta, c.reset, c.s0)
+def _per_channel(g: ScalarGate | VectorGate) -> TokenGate:
+    """A gate per head [B, T, HV] as [B, T, HV, 1]: the forms take one layout for both."""
+    return g[..., None] if g.ndim == 3 else g
 
 
-def _chunk(c: lr.Canonical, g: ScalarGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
-    per_token = (c.q, c.k, c.v, g, beta)
+def _recurrent(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+    return delta_recurrent(c.q, c.k, c.v, _per_channel(g), beta, c.reset, c.s0)
+
+
+def _associative(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+    return delta_associative(c.q, c.k, c.v, _per_channel(g), beta, c.reset, c.s0)
+
+
+def _chunk(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+    per_token = (c.q, c.k, c.v, _per_channel(g), beta)
     return lr.run_chunk_form(chunk.prepare, chunk.advance, chunk.readout, per_token, c.reset, c.s0, chunk_size)
 
 
-def _pallas(c: lr.Canonical, g: ScalarGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
-    return lr.run_pallas("delta", c, g, chunk_size, beta)
+def _pallas(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+    return lr.run_pallas("delta" if g.ndim == 3 else "kda", c, g, chunk_size, beta)
 
 
-# delta_rule is gated_delta_rule with g = 0: the same forms, a table each for the messages.
+# The three ops run the same forms (each picks the per-head or per-channel math from g's rank);
+# a table each, so that a message names the op that was called.
 _FORMS = {"recurrent": _recurrent, "associative": _associative, "chunk": _chunk, "pallas": _pallas}
 GATED_DELTA_RULE_FORMS = FormTable("gated_delta_rule", _FORMS, lr.RECURRENCE_DEFAULTS)
 DELTA_RULE_FORMS = FormTable("delta_rule", _FORMS, lr.RECURRENCE_DEFAULTS)
+KDA_FORMS = FormTable("kda", _FORMS, lr.RECURRENCE_DEFAULTS)
 
 
 @no_type_check
@@ -119,4 +126,44 @@ def delta_rule(
     return lr.run_forms(
         DELTA_RULE_FORMS, impl, q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
         chunk_size=chunk_size, output_final_state=output_final_state, log_gate=jnp.zeros((b, t, hv), jnp.float32), beta=beta,
+    )
+
+
+@no_type_check
+def kda(
+    q: QK,
+    k: QK,
+    v: Values,
+    g: VectorGate,
+    beta: Beta,
+    *,
+    scale: float | None = None,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    segment_ids: SegmentIds | None = None,
+    impl: Impl = None,
+    chunk_size: int = 64,
+) -> tuple[Values, State | None]:
+    """Kimi Delta Attention: the gated delta rule with a decay per key channel (Kimi Linear).
+
+    Per step t: S <- diag(exp(g_t)) S; S <- S + k_t (β_t (v_t − Sᵀk_t))ᵀ; o_t = Sᵀ(scale·q_t).
+
+    Args:
+      q, k: [B, T, H, K]. v: [B, T, HV, V] with HV a multiple of H (grouped value heads).
+      g: [B, T, HV, K] natural-log decays <= 0; state row k decays by exp(g[..., k]). A gate at
+        or below −30 (and −inf) clears its row exactly.
+      beta: [B, T, HV] write strengths, usually in (0, 1).
+      Other arguments as in ``gated_delta_rule``.
+    Returns:
+      o [B, T, HV, V] in v's dtype, and the final state [B, HV, K, V] float32 or None.
+    """
+    b, t, _, dk, hv, _ = lr.check_common(
+        q, k, v, forms=KDA_FORMS, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl=impl,
+        chunk_size=chunk_size,
+    )
+    validation.check_log_gate("g", g, (b, t, hv, dk), "B,T,HV,K")
+    validation.check_beta(beta, (b, t, hv))
+    return lr.run_forms(
+        KDA_FORMS, impl, q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+        chunk_size=chunk_size, output_final_state=output_final_state, log_gate=g, beta=beta,
     )

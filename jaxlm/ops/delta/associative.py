@@ -1,7 +1,7 @@
-"""Parallel-scan form of the gated delta rule via ``lax.associative_scan``.
+"""Parallel-scan form of the delta rules via ``lax.associative_scan``.
 
 Each token is the affine map S -> A_t S + B_t with
-  A_t = exp(g_t) (I − β_t k_t k_tᵀ)   (K×K; zero at a reset, which clears S_{t-1})
+  A_t = (I − β_t k_t k_tᵀ) diag(exp(g_t))   (K×K; zero at a reset, which clears S_{t-1})
   B_t = β_t k_t v_tᵀ                  (K×V; kept at a reset: token t still writes)
 Two maps compose as (A1, B1) then (A2, B2) = (A2 A1, A2 B1 + B2), which is associative, so a
 log-depth scan gives every prefix state. It materialises a K×K transition and a K×V state per
@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.typing import Beta, HeadQK, Resets, ScalarGate, State, Values
+from jaxlm.typing import Beta, HeadQK, Resets, State, TokenGate, Values
 
 HIGHEST = "highest"
 
@@ -28,13 +28,14 @@ def _compose(earlier, later):
 
 
 def delta_associative(
-    q: HeadQK, k: HeadQK, v: Values, g: ScalarGate, beta: Beta, reset: Resets, s0: State
+    q: HeadQK, k: HeadQK, v: Values, g: TokenGate, beta: Beta, reset: Resets, s0: State
 ) -> tuple[Values, State]:
     """Same contract as ``delta_recurrent``."""
     dk = k.shape[-1]
-    keep = jnp.where(reset[:, :, None], 0.0, jnp.exp(g))  # [B, T, HV]
+    keep = jnp.where(reset[:, :, None, None], 0.0, jnp.exp(g))  # [B, T, HV, 1 or K]
     outer = beta[..., None, None] * k[..., :, None] * k[..., None, :]  # [B, T, HV, K, K]
-    transition = keep[..., None, None] * (jnp.eye(dk, dtype=k.dtype) - outer)
+    # The decay scales the columns: it acts on S before the correction does.
+    transition = (jnp.eye(dk, dtype=k.dtype) - outer) * keep[..., None, :]
     update = (beta[..., None] * k)[..., :, None] * v[..., None, :]  # [B, T, HV, K, V]
     a_prefix, b_prefix = jax.lax.associative_scan(_compose, (transition, update), axis=1)
     states = jnp.einsum("bthij,bhjv->bthiv", a_prefix, s0, precision=HIGHEST) + b_prefix

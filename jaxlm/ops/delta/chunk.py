@@ -1,17 +1,22 @@
-"""Chunk form of the gated delta rule: the WY/UT transform, one unit-lower-triangular inverse per chunk.
+"""Chunk form of the delta rules: the WY/UT transform, one unit-lower-triangular inverse per chunk.
 
-Within a chunk of C tokens with start state S0, let decay(t <- s) be the masked exp(b_t − b_s)
-(zero across a reset) and γ_t = decay(t <- start). The state just before token t's update is
-γ_t S0 + Σ_{s<t} decay(t <- s) k_s u_sᵀ, where u_t = β_t (v_t − (decayed state)ᵀ k_t) is what
-token t writes. Stacking the u_t as rows of U gives a unit lower-triangular system:
-  (I + A) U = diag(β) V − diag(β γ) K S0,   A[t, s] = β_t decay(t <- s) k_t·k_s   (s < t)
-so with T = (I + A)^{-1}, W = T diag(βγ) K and U' = T diag(β) V (both free of S0):
+The gate is [B, C, H, 1] (a decay per head: Gated DeltaNet) or [B, C, H, K] (per key channel:
+Kimi Delta Attention). Within a chunk of C tokens with start state S0, let decay(t <- s) be the
+masked exp(b_t − b_s), a K-vector or a scalar (zero across a reset), and γ_t = decay(t <- start).
+The state just before token t's update is diag(γ_t) S0 + Σ_{s<t} diag(decay(t <- s)) k_s u_sᵀ,
+where u_t = β_t (v_t − (decayed state)ᵀ k_t) is what token t writes. Stacking the u_t as rows of
+U gives a unit lower-triangular system:
+  (I + A) U = diag(β) V − diag(β) (K ⊙ γ) S0,   A[t, s] = β_t Σ_c k_tc k_sc decay_c(t <- s)   (s < t)
+so with T = (I + A)^{-1}, W = T diag(β) (K ⊙ γ) and U' = T diag(β) V (both free of S0):
   U   = U' − W S0
-  o   = diag(γ) Q S0 + (Q Kᵀ ⊙ D) U           D[t, s] = decay(t <- s) for s <= t
-  S'  = γ_C S0 + Σ_s decay(C <- s) k_s u_sᵀ
-``prepare`` does the solve and keeps W, U' and the decays (linear in T, like the inputs);
-``advance`` and ``readout`` only need U = U' − W S, and ``readout`` rebuilds the C×C scores, so
-no quadratic intermediate outlives its chunk group. They plug into ``run_chunked``.
+  o   = (Q ⊙ γ) S0 + P U           P[t, s] = Σ_c q_tc k_sc decay_c(t <- s) for s <= t
+  S'  = diag(γ_C) S0 + Σ_s diag(decay(C <- s)) k_s u_sᵀ
+A scalar gate factors the scores as (q_t·k_s) decay(t <- s); a per-channel one does not, and
+its [C, C, K] decays are formed directly, each a masked exp of a difference that cannot
+overflow. ``prepare`` does the solve and keeps W, U' and the decays (linear in T,
+like the inputs); ``advance`` and ``readout`` only need U = U' − W S, and ``readout`` rebuilds
+the C×C scores, so no quadratic intermediate outlives its chunk group. They plug into
+``run_chunked``.
 """
 
 from __future__ import annotations
@@ -25,14 +30,24 @@ from jaxlm.typing import ChunkMatrix, ChunkValues, State
 HIGHEST = "highest"
 
 
-def _decays(x):
-    """b, count [B, C, H] (reset-aware cumsums) and decay(t <- s) [B, t, s, H] for s <= t."""
+def _cumsums(x):
+    """b, count [B, C, H, 1 or K]: the gate's reset-aware cumsums."""
     g, reset = x[3], x[5]
-    c = g.shape[1]
-    b, count = chunk_cumsums(g, reset[:, :, None] > 0)
-    causal = jnp.tril(jnp.ones((c, c), bool))[None, :, :, None]
-    same = jnp.logical_and(causal, count[:, :, None] == count[:, None, :])
-    return b, count, masked_decay(b[:, :, None], b[:, None, :], same)
+    return chunk_cumsums(g, reset[:, :, None, None] > 0)
+
+
+def _scores(a, k, b, count, *, strict: bool):
+    """Σ_c a_tc k_sc decay_c(t <- s) [B, t, s, H] for s <= t (s < t when strict)."""
+    c = b.shape[1]
+    mask = jnp.tril(jnp.ones((c, c), bool), -1 if strict else 0)[None, :, :, None, None]
+    same = jnp.logical_and(mask, count[:, :, None] == count[:, None, :])
+    decay = masked_decay(b[:, :, None], b[:, None, :], same)  # [B, t, s, H, 1 or K]
+    if b.shape[-1] == 1:
+        return jnp.einsum("bthk,bshk->btsh", a, k, precision=HIGHEST) * decay[..., 0]
+    # A per-channel decay does not factor out of the product: the [C, C, K] tensor itself. GLA's
+    # secondary chunking avoids it, but under the chunk driver's batched VJP it crashed XLA:CPU
+    # (jax 0.10.2, a segmentation fault at run time), so this form keeps the plain tensor.
+    return jnp.sum(a[:, :, None] * k[:, None] * decay, axis=-1)
 
 
 def _unit_lower_inverse(a: jax.Array) -> jax.Array:
@@ -76,22 +91,20 @@ unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
 def prepare(x):
-    """x = (q, k, v, g, beta, reset): q, k [B, C, H, K]; v [B, C, H, V]; g, beta [B, C, H];
-    reset [B, C] float 0/1.
+    """x = (q, k, v, g, beta, reset): q, k [B, C, H, K]; v [B, C, H, V]; g [B, C, H, 1 or K];
+    beta [B, C, H]; reset [B, C] float 0/1.
 
-    Returns aux = (w [B, C, H, K], u_prime [B, C, H, V], query_decay [B, C, H],
-    k_to_end [B, C, H, K], chunk_decay [B, H]).
+    Returns aux = (w [B, C, H, K], u_prime [B, C, H, V], query_decay [B, C, H, 1 or K],
+    k_to_end [B, C, H, K], chunk_decay [B, H, 1 or K]).
     """
     _, k, v, _, beta, _ = x
-    c, dk = k.shape[1], k.shape[-1]
-    b, count, decay = _decays(x)
+    dk = k.shape[-1]
+    b, count = _cumsums(x)
     query_decay = masked_decay(b, 0.0, count == 0)  # γ_t
 
     # A is strictly lower: token t's own key enters u_t through β_t v_t only.
-    strict = jnp.tril(jnp.ones((c, c), bool), -1)[None, :, :, None]
-    kk = jnp.einsum("bthk,bshk->btsh", k, k, precision=HIGHEST)
-    a = jnp.where(strict, beta[:, :, None] * kk * decay, 0.0)  # [B, t, s, H]
-    rhs = jnp.concatenate([(beta * query_decay)[..., None] * k, beta[..., None] * v], axis=-1)
+    a = beta[:, :, None] * _scores(k, k, b, count, strict=True)  # [B, t, s, H]
+    rhs = jnp.concatenate([beta[..., None] * k * query_decay, beta[..., None] * v], axis=-1)
     # One inverse serves both right-hand sides, in float32.
     inverse = unit_lower_inverse(jnp.moveaxis(a, 3, 1))  # [B, H, t, s]
     solved = jnp.einsum("bhts,bshn->bthn", inverse, rhs, precision=HIGHEST)  # [B, C, H, K + V]
@@ -99,7 +112,7 @@ def prepare(x):
 
     key_decay = masked_decay(b[:, -1:], b, count == count[:, -1:])  # decay(C <- s)
     chunk_decay = masked_decay(b[:, -1], 0.0, count[:, -1] == 0)  # γ_C
-    return w, u_prime, query_decay, k * key_decay[..., None], chunk_decay
+    return w, u_prime, query_decay, k * key_decay, chunk_decay
 
 
 def _written(aux, s):
@@ -111,14 +124,13 @@ def _written(aux, s):
 def advance(aux: tuple, s: State) -> State:
     k_to_end, chunk_decay = aux[3], aux[4]
     u = _written(aux, s)
-    return chunk_decay[:, :, None, None] * s + jnp.einsum("bchk,bchv->bhkv", k_to_end, u, precision=HIGHEST)
+    return chunk_decay[..., None] * s + jnp.einsum("bchk,bchv->bhkv", k_to_end, u, precision=HIGHEST)
 
 
 def readout(x: tuple, aux: tuple, s: State) -> ChunkValues:
     q, k = x[0], x[1]
     query_decay = aux[2]
-    _, _, decay = _decays(x)
-    scores = jnp.einsum("bthk,bshk->btsh", q, k, precision=HIGHEST) * decay
+    b, count = _cumsums(x)
     u = _written(aux, s)
-    inter = jnp.einsum("bthk,bhkv->bthv", q, s, precision=HIGHEST)
-    return query_decay[..., None] * inter + jnp.einsum("btsh,bshv->bthv", scores, u, precision=HIGHEST)
+    inter = jnp.einsum("bthk,bhkv->bthv", q * query_decay, s, precision=HIGHEST)
+    return inter + jnp.einsum("btsh,bshv->bthv", _scores(q, k, b, count, strict=False), u, precision=HIGHEST)
