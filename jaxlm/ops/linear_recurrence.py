@@ -27,7 +27,7 @@ from jaxlm.ops.sequence import (
     segment_starts,
     to_chunks,
 )
-from jaxlm.typing import QK, Beta, HeadQK, Resets, ScalarGate, SegmentIds, State, Values, VectorGate
+from jaxlm.typing import QK, Beta, HeadQK, Resets, ScalarGate, SegmentIds, State, TokenGate, Values, VectorGate
 
 
 class Canonical(NamedTuple):
@@ -38,6 +38,12 @@ class Canonical(NamedTuple):
     v: Values  # [B, T, HV, V]
     reset: Resets  # [B, T] bool
     s0: State  # [B, HV, K, V]
+
+
+def per_channel_gate(g: ScalarGate | VectorGate) -> TokenGate:
+    """A gate per head [B, T, HV] as the token and chunk forms' per-key-channel layout [B, T, HV, 1];
+    a per-channel gate [B, T, HV, K] as it is."""
+    return g[..., None] if g.ndim == 3 else g
 
 
 # impl=None: XLA's chunk form on the CPU; the Pallas kernel first on GPU and TPU, the chunk form
@@ -117,9 +123,9 @@ def run_pallas(
     FormUnavailable for head dims past KERNEL_MAX_HEAD_DIM.
 
     g: [B, T, HV] scalar or [B, T, HV, K] vector log gates, float32; beta: [B, T, HV] for the
-    delta rules (and KDA). The kernel layout is [B*HV, T, D] with T padded to whole chunks (of at least 16
-    tokens) and K, V padded with zeros to powers of two >= 16; zero keys and values leave the
-    state as it is, so the padding changes nothing. Returns o [B, T, HV, V] and the final state.
+    delta rules and KDA. The kernel layout is [B*HV, T, D] with T padded to whole chunks (of at
+    least 16 tokens) and K, V padded with zeros to powers of two >= 16; zero keys and values leave
+    the state as it is, so the padding changes nothing. Returns o [B, T, HV, V] and the final state.
     """
     b, t, hv, dk = c.q.shape
     dv = c.v.shape[-1]

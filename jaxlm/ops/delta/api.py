@@ -1,8 +1,9 @@
 """Public ops for the delta rules: DeltaNet, Gated DeltaNet and Kimi Delta Attention (KDA).
 
-Per step t: S <- diag(exp(g_t)) S (one decay per head, or per key channel for KDA), then S <- S + k_t (β_t (v_t − Sᵀ k_t))ᵀ, then o_t = Sᵀ (scale·q_t):
-the state is corrected towards v_t along k_t rather than only added to. The op does not
-normalise k; the layer L2-normalises keys, which with β in (0, 1) keeps the update contractive.
+Per step t: S <- diag(exp(g_t)) S (one decay per head, or per key channel for KDA), then
+S <- S + k_t (β_t (v_t − Sᵀ k_t))ᵀ, then o_t = Sᵀ (scale·q_t): the state is corrected towards v_t
+along k_t rather than only added to. The op does not normalise k; the layer L2-normalises keys,
+which with β in (0, 1) keeps the update contractive.
 Shapes follow the "Ops API" section of the design document.
 """
 
@@ -16,27 +17,22 @@ from jaxlm.ops.delta import chunk
 from jaxlm.ops.delta.associative import delta_associative
 from jaxlm.ops.delta.recurrent import delta_recurrent
 from jaxlm.ops.dispatch import FormTable, Impl
-from jaxlm.typing import QK, Beta, ScalarGate, SegmentIds, State, TokenGate, Values, VectorGate, no_type_check
+from jaxlm.typing import QK, Beta, ScalarGate, SegmentIds, State, Values, VectorGate, no_type_check
 
 # Every form: (c: Canonical, g [B, T, HV] or [B, T, HV, K] log gates, beta [B, T, HV], float32,
 # *, chunk_size) -> (o [B, T, HV, V] float32, final state [B, HV, K, V]).
 
 
-def _per_channel(g: ScalarGate | VectorGate) -> TokenGate:
-    """A gate per head [B, T, HV] as [B, T, HV, 1]: the forms take one layout for both."""
-    return g[..., None] if g.ndim == 3 else g
-
-
 def _recurrent(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
-    return delta_recurrent(c.q, c.k, c.v, _per_channel(g), beta, c.reset, c.s0)
+    return delta_recurrent(c.q, c.k, c.v, lr.per_channel_gate(g), beta, c.reset, c.s0)
 
 
 def _associative(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
-    return delta_associative(c.q, c.k, c.v, _per_channel(g), beta, c.reset, c.s0)
+    return delta_associative(c.q, c.k, c.v, lr.per_channel_gate(g), beta, c.reset, c.s0)
 
 
 def _chunk(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
-    per_token = (c.q, c.k, c.v, _per_channel(g), beta)
+    per_token = (c.q, c.k, c.v, lr.per_channel_gate(g), beta)
     return lr.run_chunk_form(chunk.prepare, chunk.advance, chunk.readout, per_token, c.reset, c.s0, chunk_size)
 
 

@@ -15,7 +15,7 @@ from jaxlm.ops.gla import chunk_scalar, chunk_vector
 from jaxlm.ops.gla.associative import diagonal_associative
 from jaxlm.ops.gla.recurrent import diagonal_recurrent
 from jaxlm.ops.sequence import repeat_heads
-from jaxlm.typing import QK, HeadDecay, ScalarGate, SegmentIds, State, TokenGate, Values, VectorGate, no_type_check
+from jaxlm.typing import QK, HeadDecay, ScalarGate, SegmentIds, State, Values, VectorGate, no_type_check
 
 # A denominator floor for the normalised form, so that an all-zero prefix gives 0, not NaN.
 NORMALIZER_EPS = 1e-10
@@ -25,17 +25,12 @@ NORMALIZER_EPS = 1e-10
 # *, chunk_size) -> (o [B, T, HV, V] float32, final state [B, HV, K, V]).
 
 
-def _per_channel(g: ScalarGate | VectorGate) -> TokenGate:
-    """A scalar gate [B, T, HV] as the token forms' per-key-channel gate [B, T, HV, 1]."""
-    return g[..., None] if g.ndim == 3 else g
-
-
 def _recurrent(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int) -> tuple[Values, State]:
-    return diagonal_recurrent(c.q, c.k, c.v, _per_channel(g), c.reset, c.s0)
+    return diagonal_recurrent(c.q, c.k, c.v, lr.per_channel_gate(g), c.reset, c.s0)
 
 
 def _associative(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int) -> tuple[Values, State]:
-    return diagonal_associative(c.q, c.k, c.v, _per_channel(g), c.reset, c.s0)
+    return diagonal_associative(c.q, c.k, c.v, lr.per_channel_gate(g), c.reset, c.s0)
 
 
 def _chunk(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int) -> tuple[Values, State]:
