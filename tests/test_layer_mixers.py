@@ -24,6 +24,7 @@ from jaxlm.layers.cache import RecurrentCache
 from jaxlm.ops import KVCache
 from jaxlm.layers.gated_deltanet import GatedDeltaNet
 from jaxlm.layers.gla import GatedLinearAttention
+from jaxlm.layers.kda import KimiDeltaAttention
 from jaxlm.layers.lightning import LightningAttention
 from jaxlm.layers.linear_attention import LinearAttention
 from jaxlm.layers.mamba2 import Mamba2
@@ -173,6 +174,33 @@ def ref_gated_deltanet(layer: GatedDeltaNet, x):
     return o.reshape(t, hv * dv) @ p64(layer.o_proj.kernel)
 
 
+def ref_kda(layer: KimiDeltaAttention, x):
+    """One document through Kimi Delta Attention: the delta rule with a decay per key channel,
+    the sigmoid-gated RMSNorm per head and o_proj, in float64."""
+    t = x.shape[0]
+    h, dk, dv = layer.n_heads, layer.head_dim, layer.head_v_dim
+    u = np.concatenate([x @ p64(layer.q_proj.kernel), x @ p64(layer.k_proj.kernel), x @ p64(layer.v_proj.kernel)], -1)
+    u = short_conv(u, p64(layer.conv_weight))
+    q = u[:, : h * dk].reshape(t, h, dk)
+    k = u[:, h * dk : 2 * h * dk].reshape(t, h, dk)
+    v = u[:, 2 * h * dk :].reshape(t, h, dv)
+    q = q / np.sqrt(np.sum(q * q, -1, keepdims=True) + 1e-6)
+    k = k / np.sqrt(np.sum(k * k, -1, keepdims=True) + 1e-6)
+    a = x @ p64(layer.f_a_proj.kernel) @ p64(layer.f_b_proj.kernel) + p64(layer.dt_bias)
+    g = -np.exp(p64(layer.A_log))[:, None] * softplus(a.reshape(t, h, dk))
+    beta = sigmoid(x @ p64(layer.b_proj.kernel))
+    s = np.zeros((h, dk, dv))
+    o = np.zeros((t, h, dv))
+    for ti in range(t):
+        for j in range(h):
+            s[j] = np.exp(g[ti, j])[:, None] * s[j]
+            s[j] = s[j] + np.outer(k[ti, j], beta[ti, j] * (v[ti, j] - s[j].T @ k[ti, j]))
+            o[ti, j] = s[j].T @ (q[ti, j] / np.sqrt(dk))
+    z = (x @ p64(layer.g_a_proj.kernel) @ p64(layer.g_b_proj.kernel)).reshape(t, h, dv)
+    o = rms(o, p64(layer.o_norm.weight), layer.o_norm.eps) * sigmoid(z)
+    return o.reshape(t, h * dv) @ p64(layer.o_proj.kernel)
+
+
 def ref_gla(layer: GatedLinearAttention, x):
     t = x.shape[0]
     h, dk, dv = layer.n_heads, layer.head_dim, layer.head_v_dim
@@ -257,6 +285,10 @@ LAYERS = {
     "gated_deltanet_neg_eigval": (
         lambda r: GatedDeltaNet(D_MODEL, 2, head_dim=8, allow_neg_eigval=True, chunk_size=4, rngs=r),
         ref_gated_deltanet,
+    ),
+    "kda": (
+        lambda r: KimiDeltaAttention(D_MODEL, 2, head_dim=8, head_v_dim=6, gate_low_rank_dim=4, chunk_size=4, rngs=r),
+        ref_kda,
     ),
     "gla": (lambda r: GatedLinearAttention(D_MODEL, 2, chunk_size=4, rngs=r), ref_gla),
     "lightning": (
@@ -376,6 +408,7 @@ def test_recurrent_cache_shapes():
     shapes = {name: jax.tree.map(jnp.shape, scenario(name)[0].init_cache(2, 16)) for name in LAYERS}
     assert shapes["mamba2"] == RecurrentCache(state=(2, 4, 8, 16), conv=(2, 3, 64 + 2 * 2 * 8))
     assert shapes["gated_deltanet"] == RecurrentCache(state=(2, 4, 8, 6), conv=(2, 3, 2 * 16 + 24))
+    assert shapes["kda"] == RecurrentCache(state=(2, 2, 8, 6), conv=(2, 3, 2 * 16 + 12))
     assert shapes["gla"] == RecurrentCache(state=(2, 2, 8, 16), conv=None)
     assert shapes["lightning"] == RecurrentCache(state=(2, 4, 8, 8), conv=None)
     # The normaliser rides in an extra value column of the state.

@@ -2,7 +2,7 @@
 
 This is how experiments/long_context.py feeds a context of millions of tokens. It is checked here
 for every mixer letter of ModelConfig (softmax attention, a sliding window shorter than a piece,
-Gated DeltaNet, DeltaNet, Mamba-2, GLA, Lightning, linear attention) and for a stack that mixes them with
+latent attention, Gated DeltaNet, DeltaNet, KDA, Mamba-2, GLA, Lightning, linear attention) and for a stack that mixes them with
 MoE, mixer-only and feed-forward-only layers, on packed documents.
 
 Two rows of T = 39 tokens, fed as three pieces of 13 (longer than the window of 6 and than the
@@ -37,8 +37,10 @@ BASE = dict(
 CASES = {
     "attention": dict(layer_pattern="A"),
     "sliding_window": dict(layer_pattern="W"),
+    "latent_attention": dict(layer_pattern="C"),
     "gated_deltanet": dict(layer_pattern="G"),
     "deltanet": dict(layer_pattern="R"),
+    "kda": dict(layer_pattern="K"),
     "mamba2": dict(layer_pattern="M"),
     "gla": dict(layer_pattern="V"),
     "lightning": dict(layer_pattern="L"),

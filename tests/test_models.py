@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.generate import generate, left_pad
-from jaxlm.layers import RecurrentCache
+from jaxlm.layers import LatentCache, RecurrentCache
 from jaxlm.ops import KVCache
 from jaxlm.models import LM, ModelConfig, count_params
 from jaxlm.models.presets import FAMILIES, SIZES, TARGET_PARAMS, preset
@@ -107,6 +107,10 @@ def test_cache_sizes(name):
             assert isinstance(l, KVCache) and l.k == (B, block.mixer.n_kv_heads, 4096, block.mixer.head_dim)
         elif mixer == "W":
             assert s == l and l.k[2] == model.config.window
+        elif mixer == "C":  # the latent and the shared rotary key per slot, not keys and values per head
+            dims = model.config.mla_dims()
+            assert isinstance(l, LatentCache)
+            assert (l.c_kv, l.k_rope) == ((B, 4096, dims["kv_lora_rank"]), (B, 4096, dims["qk_rope_head_dim"]))
         else:
             assert isinstance(l, RecurrentCache) and s == l
 

@@ -5,6 +5,7 @@ from jaxlm.layers.cache import RecurrentCache
 from jaxlm.layers.embedding import Embedding
 from jaxlm.layers.gated_deltanet import GatedDeltaNet, l2_normalize
 from jaxlm.layers.gla import GatedLinearAttention
+from jaxlm.layers.kda import KimiDeltaAttention
 from jaxlm.layers.lightning import LightningAttention, lightning_log_decay
 from jaxlm.layers.linear_attention import LinearAttention
 from jaxlm.layers.mamba2 import Mamba2
@@ -15,8 +16,8 @@ from jaxlm.layers.norms import GatedRMSNorm, RMSNorm, gated_rms_norm, rms_norm
 from jaxlm.layers.rotary import apply_rope, rope_frequencies
 
 __all__ = [
-    "Attention", "Embedding", "GatedDeltaNet", "GatedLinearAttention", "GatedRMSNorm",
-    "LatentCache", "LightningAttention", "LinearAttention", "Mamba2", "MoE", "MultiHeadLatentAttention", "RMSNorm", "RecurrentCache", "Relu2MLP", "RouterBias",
-    "SwiGLU", "apply_rope", "feed_forward", "gated_rms_norm", "l2_normalize",
-    "lightning_log_decay", "rms_norm", "rope_frequencies",
+    "Attention", "Embedding", "GatedDeltaNet", "GatedLinearAttention", "GatedRMSNorm", "KimiDeltaAttention",
+    "LatentCache", "LightningAttention", "LinearAttention", "Mamba2", "MoE", "MultiHeadLatentAttention",
+    "RMSNorm", "RecurrentCache", "Relu2MLP", "RouterBias", "SwiGLU", "apply_rope", "feed_forward",
+    "gated_rms_norm", "l2_normalize", "lightning_log_decay", "rms_norm", "rope_frequencies",
 ]

@@ -39,6 +39,33 @@ def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
+def conv_qkv(
+    layer: nnx.Module, x: Hidden, segment_ids: SegmentIds | None, cache: RecurrentCache | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """The q, k, v of a delta-rule layer (Gated DeltaNet, KDA): the three projections through one
+    depthwise causal conv and SiLU, q and k L2-normalised per head.
+
+    ``layer`` holds q_proj, k_proj, v_proj, conv_weight [2·H·K + HV·V, W], n_heads, head_dim,
+    n_v_heads, head_v_dim and dtype. x: [B, T, D] -> q, k [B, T, H, K] and v [B, T, HV, V] in the
+    compute dtype, and the conv state [B, W-1, C] (None without a cache).
+    """
+    b, t, _ = x.shape
+    key_dim = layer.n_heads * layer.head_dim
+    qkv = jnp.concatenate([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], axis=-1)
+    qkv, conv_state = ops.causal_conv1d(
+        qkv,
+        layer.conv_weight[...].astype(layer.dtype),
+        activation="silu",
+        initial_state=None if cache is None else cache.conv,
+        output_final_state=cache is not None,
+        segment_ids=segment_ids,
+    )
+    q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
+    q = l2_normalize(q.reshape(b, t, layer.n_heads, layer.head_dim)).astype(layer.dtype)
+    k = l2_normalize(k.reshape(b, t, layer.n_heads, layer.head_dim)).astype(layer.dtype)
+    return q, k, v.reshape(b, t, layer.n_v_heads, layer.head_v_dim), conv_state
+
+
 class GatedDeltaNet(nnx.Module):
     """Gated DeltaNet mixer.
 
@@ -126,20 +153,7 @@ class GatedDeltaNet(nnx.Module):
     ) -> tuple[Hidden, RecurrentCache | None]:
         """x: [B, T, D] -> ([B, T, D], the updated cache or None)."""
         b, t, _ = x.shape
-        qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-        qkv, conv_state = ops.causal_conv1d(
-            qkv,
-            self.conv_weight[...].astype(self.dtype),
-            activation="silu",
-            initial_state=None if cache is None else cache.conv,
-            output_final_state=cache is not None,
-            segment_ids=segment_ids,
-        )
-        q, k, v = jnp.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
-        q = l2_normalize(q.reshape(b, t, self.n_heads, self.head_dim)).astype(self.dtype)
-        k = l2_normalize(k.reshape(b, t, self.n_heads, self.head_dim)).astype(self.dtype)
-        v = v.reshape(b, t, self.n_v_heads, self.head_v_dim)
-
+        q, k, v, conv_state = conv_qkv(self, x, segment_ids, cache)
         f32 = jnp.float32
         beta = jax.nn.sigmoid(self.b_proj(x).astype(f32))
         if self.allow_neg_eigval:

@@ -1,4 +1,4 @@
-"""RMSNorm, its zero-centred variant (Qwen3-Next) and gated RMSNorm (Mamba-2, Gated DeltaNet).
+"""RMSNorm, its zero-centred variant (Qwen3-Next) and gated RMSNorm (Mamba-2, Gated DeltaNet, KDA).
 
 The statistics are computed in float32 whatever the compute dtype, and the result is cast back.
 """
@@ -10,8 +10,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.initializers import param
-from jaxlm.layers.validation import check_divides, check_positive, check_positive_float
+from jaxlm.layers.validation import check_choice, check_divides, check_positive, check_positive_float
 from jaxlm.typing import Features
+
+GATE_ACTIVATIONS = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float, zero_centered: bool = False) -> jax.Array:
@@ -33,15 +35,16 @@ def gated_rms_norm(
     eps: float,
     norm_before_gate: bool = True,
     group_size: int | None = None,
+    activation: str = "silu",
 ) -> jax.Array:
-    """RMSNorm with a SiLU gate, normalising over groups of ``group_size`` channels.
+    """RMSNorm with a gate act(z), act = silu or (KDA) sigmoid, over groups of ``group_size`` channels.
 
-    norm_before_gate=True (Gated DeltaNet, GLA, Qwen3-Next):  norm(x)·w · silu(z).
-    norm_before_gate=False (Mamba-2's default):               norm(x · silu(z))·w.
+    norm_before_gate=True (Gated DeltaNet, GLA, Qwen3-Next, KDA):  norm(x)·w · act(z).
+    norm_before_gate=False (Mamba-2's default):                    norm(x · act(z))·w.
     x, z: [..., D]; weight: [D]; group_size divides D (default D: one group). Returns float32.
     """
     x = x.astype(jnp.float32)
-    gate = jax.nn.silu(z.astype(jnp.float32))
+    gate = GATE_ACTIVATIONS[activation](z.astype(jnp.float32))
     if not norm_before_gate:
         x = x * gate
     d = x.shape[-1]
@@ -79,7 +82,7 @@ class RMSNorm(nnx.Module):
 
 
 class GatedRMSNorm(nnx.Module):
-    """RMSNorm gated by silu(z); see ``gated_rms_norm`` for the two orders and groups."""
+    """RMSNorm gated by silu(z) or sigmoid(z); see ``gated_rms_norm`` for the orders and groups."""
 
     def __init__(
         self,
@@ -88,23 +91,26 @@ class GatedRMSNorm(nnx.Module):
         eps: float = 1e-6,
         norm_before_gate: bool = True,
         group_size: int | None = None,
+        activation: str = "silu",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
     ):
         check_positive(dim=dim)
         check_positive_float(eps=eps)
+        check_choice("activation", activation, tuple(GATE_ACTIVATIONS))
         if group_size is not None:
             check_positive(group_size=group_size)
             check_divides("dim", dim, "group_size", group_size)
         self.eps = eps
         self.norm_before_gate = norm_before_gate
-        self.group_size = group_size
+        self.group_size, self.activation = group_size, activation
         self.dtype = dtype
         self.weight = param(jnp.ones((dim,), param_dtype), (None,))
 
     def __call__(self, x: Features, z: Features) -> Features:
         """x, z: [..., dim] -> [..., dim] in the compute dtype."""
         y = gated_rms_norm(
-            x, z, self.weight[...], eps=self.eps, norm_before_gate=self.norm_before_gate, group_size=self.group_size
+            x, z, self.weight[...], eps=self.eps, norm_before_gate=self.norm_before_gate, group_size=self.group_size,
+            activation=self.activation,
         )
         return y.astype(self.dtype)

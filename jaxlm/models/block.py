@@ -25,6 +25,11 @@ def build_mixer(kind: str, config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) 
             output_gate=c.attention_output_gate, window=c.window if kind == "W" else None,
             norm_eps=c.norm_eps, **dtypes, rngs=rngs,
         )
+    if kind == "C":
+        return layers.MultiHeadLatentAttention(
+            c.d_model, c.n_heads, **c.mla_dims(), q_lora_rank=c.mla_q_lora_rank, rope_theta=c.rope_theta,
+            rope_layout=c.mla_rope_layout, **dtypes, rngs=rngs,
+        )
     if kind == "M":
         return layers.Mamba2(
             c.d_model, d_state=c.mamba_d_state, d_conv=c.conv_size, expand=c.mamba_expand,
@@ -39,6 +44,11 @@ def build_mixer(kind: str, config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) 
         return layers.GatedDeltaNet(
             c.d_model, heads, head_dim=head_dim, n_v_heads=c.resolved_linear_n_v_heads, head_v_dim=head_v_dim,
             conv_size=c.conv_size, allow_neg_eigval=c.allow_neg_eigval, decay=kind == "G", norm_eps=c.norm_eps,
+            **recurrence,
+        )
+    if kind == "K":
+        return layers.KimiDeltaAttention(
+            c.d_model, heads, head_dim=head_dim, head_v_dim=head_v_dim, conv_size=c.conv_size, norm_eps=c.norm_eps,
             **recurrence,
         )
     if kind == "V":

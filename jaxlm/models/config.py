@@ -6,8 +6,11 @@ with 8 layers is G G G A G G G A.
 
   mixer  A  softmax attention (RoPE, GQA; options: qk_norm and its scope, attention_output_gate)
          W  sliding-window softmax attention, ``window`` tokens
+         C  multi-head latent attention (MLA: DeepSeek-V3, Kimi Linear), its cache the compressed
+            latent; widths ``mla_dims``, RoPE layout ``mla_rope_layout`` (None: NoPE, as Kimi Linear)
          G  Gated DeltaNet
          R  DeltaNet: the delta rule without Gated DeltaNet's decay, otherwise the same layer
+         K  Kimi Delta Attention: Gated DeltaNet with a decay per key channel (Kimi Linear)
          M  Mamba-2
          V  GLA (vector-gated linear attention)
          L  Lightning attention (MiniMax)
@@ -35,14 +38,17 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 from jaxlm.layers.attention import QK_NORM_SCOPES
+from jaxlm.layers.mla import ROPE_LAYOUTS as MLA_ROPE_LAYOUTS
 from jaxlm.layers.mlp import ACTIVATIONS as MLP_ACTIVATIONS
 from jaxlm.ops.moe import ROUTERS
 
 MIXERS = {
     "A": "softmax attention",
     "W": "sliding-window softmax attention",
+    "C": "multi-head latent attention",
     "G": "Gated DeltaNet",
     "R": "DeltaNet",
+    "K": "Kimi Delta Attention",
     "M": "Mamba-2",
     "V": "GLA",
     "L": "Lightning attention",
@@ -50,7 +56,7 @@ MIXERS = {
     "-": "none",
 }
 FFNS = {"D": "dense MLP", "E": "Mixture-of-Experts", "-": "none"}
-LINEAR_MIXERS = "GRVLN"  # the mixers whose widths are linear_head_dim and linear_head_v_dim
+LINEAR_MIXERS = "GRKVLN"  # the mixers whose widths are linear_head_dim and linear_head_v_dim
 # The names of the dtypes a model computes and stores its parameters in: ModelConfig turns them
 # into jnp dtypes (compute_dtype, storage_dtype) for the layers.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,7 +92,15 @@ class ModelConfig:
     attention_output_gate: bool = False
     window: int = 512
 
-    # Linear mixers (G, R, V, L, N): query/key heads, value heads and their widths.
+    # Multi-head latent attention (C): n_heads heads; widths default from head_dim (mla_dims).
+    mla_kv_lora_rank: int | None = None  # R, the cached latent; default 2·head_dim
+    mla_q_lora_rank: int | None = None  # None: a plain q_proj; else q_a_proj -> norm -> q_b_proj of this rank
+    mla_qk_nope_head_dim: int | None = None  # default head_dim
+    mla_qk_rope_head_dim: int | None = None  # the shared rotary key; default head_dim // 2; 0: none
+    mla_v_head_dim: int | None = None  # default head_dim
+    mla_rope_layout: Literal[MLA_ROPE_LAYOUTS] = "half"  # "interleaved" (DeepSeek-V3), "half", None (NoPE)
+
+    # Linear mixers (G, R, K, V, L, N): query/key heads, value heads and their widths.
     linear_n_heads: int | None = None  # default n_heads
     linear_head_dim: int | None = None  # default d_model // linear_n_heads; GLA: d_model // (2·linear_n_heads)
     linear_n_v_heads: int | None = None  # (Gated) DeltaNet's grouped value heads; default linear_n_heads
@@ -172,8 +186,18 @@ class ModelConfig:
         """(Gated) DeltaNet's value heads (the other linear mixers have one per query/key head)."""
         return self.resolved_linear_n_heads if self.linear_n_v_heads is None else self.linear_n_v_heads
 
+    def mla_dims(self) -> dict[str, int]:
+        """Multi-head latent attention's widths: kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim
+        and v_head_dim, as the layer takes them."""
+        hd = self.resolved_head_dim
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return dict(
+            kv_lora_rank=pick(self.mla_kv_lora_rank, 2 * hd), qk_nope_head_dim=pick(self.mla_qk_nope_head_dim, hd),
+            qk_rope_head_dim=pick(self.mla_qk_rope_head_dim, hd // 2), v_head_dim=pick(self.mla_v_head_dim, hd),
+        )
+
     def linear_head_dims(self, mixer: str) -> tuple[int, int]:
-        """(K, V), the key and value head widths of the linear mixer ``mixer`` (G, R, V, L or N)."""
+        """(K, V), the key and value head widths of the linear mixer ``mixer`` (G, R, K, V, L or N)."""
         if mixer not in LINEAR_MIXERS:
             raise ValueError(f"mixer must be one of the linear mixers {list(LINEAR_MIXERS)}, got {mixer!r}")
         h, d = self.resolved_linear_n_heads, self.d_model
@@ -271,8 +295,20 @@ def _check(config: ModelConfig) -> None:
     _optional_positive_ints(
         config, "n_kv_heads", "head_dim", "linear_n_heads", "linear_head_dim",
         "linear_n_v_heads", "linear_head_v_dim", "d_expert", "shared_d_ff", "mamba_norm_groups",
-        "mamba_n_heads",
+        "mamba_n_heads", "mla_kv_lora_rank", "mla_q_lora_rank", "mla_qk_nope_head_dim", "mla_v_head_dim",
     )
+    rope = config.mla_qk_rope_head_dim
+    if rope is not None and (isinstance(rope, bool) or not isinstance(rope, int) or rope < 0):
+        raise ValueError(f"ModelConfig.mla_qk_rope_head_dim must be None or an int >= 0, got {rope!r}")
+    if config.mla_rope_layout not in MLA_ROPE_LAYOUTS:
+        raise ValueError(
+            f"ModelConfig.mla_rope_layout must be one of {list(MLA_ROPE_LAYOUTS)}, got {config.mla_rope_layout!r}"
+        )
+    if "C" in config.layer_pattern and config.mla_rope_layout is not None and config.mla_dims()["qk_rope_head_dim"] % 2:
+        raise ValueError(
+            f"ModelConfig.mla_qk_rope_head_dim={config.mla_dims()['qk_rope_head_dim']} must be even for RoPE "
+            f"(mla_rope_layout={config.mla_rope_layout!r}); set mla_rope_layout=None for NoPE"
+        )
     _check_pattern("layer_pattern", config.layer_pattern, MIXERS)
     _check_pattern("ffn_pattern", config.ffn_pattern, FFNS)
     empty = [i for i, kinds in enumerate(config.layer_kinds()) if kinds == ("-", "-")]

@@ -5,9 +5,10 @@ A multiply-add is 2 FLOPs. Per token, the forward pass counts:
   dense_matmuls      2 × the matmul weights a token passes through: every mixer's projections,
                      dense SwiGLUs (3·D·F), and for MoE layers the router (D·E), the top_k routed
                      experts (top_k·3·D·F_e), the shared experts (3·D·S) and their gate (D).
-  conv               2·W·channels: the depthwise causal convs of (Gated) DeltaNet and Mamba-2.
+  conv               2·W·channels: the depthwise causal convs of (Gated) DeltaNet, KDA and Mamba-2.
   head               2·D·vocab: the output head, tied or not. The input embedding is a lookup: 0.
-  attention_mixing   per softmax layer 2·H·(K + V)·ctx: the scores q·k and the weighted sum of
+  attention_mixing   per softmax layer 2·H·(K + V)·ctx (MLA: K = Kn + P, its keys and values
+                     expanded per head, the form training runs): the scores q·k and the weighted sum of
                      values over a context ctx averaged over the sequence: (T + 1)/2 causal, or
                      mean_t min(window, t) for sliding-window layers (only the causal triangle:
                      a dense kernel that computes the masked half does work the model does not need).
@@ -25,6 +26,7 @@ A multiply-add is 2 FLOPs. Per token, the forward pass counts:
     (Gated) DeltaNet 6KV + 2CK + 4C(K + V) + C²/3: the scalar terms, plus the WY/UT transform:
                      K Kᵀ within the chunk (2CK), the unit-triangular inverse (C³/3 a chunk),
                      applying it to [K | V] (2C(K + V)) and U = U' − W S (2KV).
+                     KDA counts the same: its per-channel decay scales q and k elementwise.
 
 Elementwise work (norms, activations, gates, softmax exponentials, RoPE) is not counted, as in
 the usual 6N-style model FLOPs. Training is 3 × forward (the backward pass is two matmuls for
@@ -76,6 +78,13 @@ def _mixer(kind: str, c: ModelConfig, seq_len: int) -> tuple[int, int, float, fl
         proj = d * h * hd + 2 * d * hk * hd + h * hd * d + (d * h * hd if c.attention_output_gate else 0)
         ctx = mean_attention_context(seq_len, c.window if kind == "W" else None)
         return proj, 0, 2 * h * (hd + hd) * ctx, 0.0
+    if kind == "C":
+        h, m, r_q = c.n_heads, c.mla_dims(), c.mla_q_lora_rank
+        r, kn, p, v = m["kv_lora_rank"], m["qk_nope_head_dim"], m["qk_rope_head_dim"], m["v_head_dim"]
+        q = d * h * (kn + p) if r_q is None else d * r_q + r_q * h * (kn + p)
+        proj = q + d * (r + p) + r * h * (kn + v) + h * v * d  # q, kv_a, kv_b (every token's k, v), o
+        ctx = mean_attention_context(seq_len)
+        return proj, 0, 2 * h * (kn + p + v) * ctx, 0.0
     if kind == "M":
         heads, d_inner = c.resolved_mamba_n_heads, c.mamba_d_inner
         conv_dim = d_inner + 2 * c.mamba_n_groups * c.mamba_d_state
@@ -92,6 +101,10 @@ def _mixer(kind: str, c: ModelConfig, seq_len: int) -> tuple[int, int, float, fl
         gates = 2 if kind == "G" else 1
         proj = 2 * d * h * k + d * hv * v + gates * d * hv + d * hv * v + hv * v * d
         return proj, c.conv_size * (2 * h * k + hv * v), 0.0, hv * delta_chunk_flops(k, v, chunk)
+    if kind == "K":
+        # q, k, v, the low-rank decay (rank K), b (beta), the low-rank output gate (rank K), o.
+        proj = 2 * d * h * k + d * h * v + (d * k + k * h * k) + d * h + (d * k + k * h * v) + h * v * d
+        return proj, c.conv_size * (2 * h * k + h * v), 0.0, h * delta_chunk_flops(k, v, chunk)
     if kind == "V":
         r = c.gla_gate_low_rank_dim
         # q, k, v, the low-rank gate, g (output gate), o.

@@ -87,6 +87,17 @@ def _nemotron_h(size_name: str, size: dict) -> dict:
     )
 
 
+def _kimi_linear(size_name: str, size: dict) -> dict:
+    """KDA and MLA 3:1 (MLA without positions, as Kimi Linear), a dense first layer, then
+    DeepSeek-V3-style experts: sigmoid router, auxiliary-loss-free selection bias, one shared expert."""
+    d, h = size["d_model"], size["n_heads"]
+    return dict(
+        layer_pattern="KKKC", ffn_pattern="D" + "E" * (size["n_layers"] - 1), linear_n_heads=h,
+        linear_head_dim=d // h, mla_rope_layout=None, d_ff=4 * d, n_experts=8 if size_name == "tiny" else 16,
+        top_k=2, router="sigmoid", renormalize=True, use_selection_bias=True, n_shared_experts=1,
+    )
+
+
 FAMILIES = {
     "transformer": _transformer,
     "mamba2": _mamba2,
@@ -96,6 +107,7 @@ FAMILIES = {
     "minimax": _minimax,
     "qwen3_next": _qwen3_next,
     "nemotron_h": _nemotron_h,
+    "kimi_linear": _kimi_linear,
 }
 
 # The one width per family and size that sets the parameter count (see the module docstring).
@@ -127,6 +139,10 @@ _FILL: dict[str, dict[str, dict[str, int]]] = {
     "qwen3_next": {
         "tiny": dict(d_expert=48), "small": dict(d_expert=96), "125m": dict(d_expert=152),
         "350m": dict(d_expert=176), "1.3b": dict(d_expert=336),
+    },
+    "kimi_linear": {
+        "tiny": dict(d_expert=48), "small": dict(d_expert=96), "125m": dict(d_expert=152),
+        "350m": dict(d_expert=176), "1.3b": dict(d_expert=328),
     },
     "nemotron_h": {
         "tiny": dict(d_expert=48), "small": dict(d_expert=184), "125m": dict(d_expert=280),
