@@ -76,6 +76,16 @@ CONFIGS = {
         num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], head_dim=16, num_local_experts=4,
         full_attn_alpha_factor=1.7, linear_attn_alpha_factor=1.7, mlp_alpha_factor=1.7, full_attn_beta_factor=0.8,
         linear_attn_beta_factor=0.8, mlp_beta_factor=0.8, **ATTN),
+    # Layer pattern K K K C: Kimi Delta Attention and NoPE latent attention with low-rank queries; a dense
+    # first layer, then sigmoid-routed experts with a selection bias, renormalised and scaled (1.5), and a
+    # shared expert; transformers' default rms_norm_eps (1e-5).
+    "KimiLinearForCausalLM": lambda: transformers.KimiLinearConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"], mlp_layer_types=["dense"] + ["sparse"] * 3,
+        linear_num_heads=2, linear_head_dim=16, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24,
+        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, routed_scaling_factor=1.5, pad_token_id=None,
+        bos_token_id=None, eos_token_id=None),
 }
 ARCHS = list(CONFIGS)
 
@@ -194,7 +204,7 @@ def test_save_round_trips_bit_exactly(arch, checkpoint, tmp_path):
     np.testing.assert_array_equal(torch_logits(reload(tmp_path), x), torch_logits(reload(ck.folder), x))
 
 
-@pytest.mark.parametrize("arch", ["Qwen3NextForCausalLM", "Mamba2ForCausalLM"])
+@pytest.mark.parametrize("arch", ["Qwen3NextForCausalLM", "Mamba2ForCausalLM", "KimiLinearForCausalLM"])
 def test_greedy_generation_matches_transformers(arch, checkpoint):
     ck = checkpoint(arch)
     prompt, new = tokens(3)[:, :6], 8
@@ -226,14 +236,21 @@ def test_sharded_checkpoint_bf16_and_mesh(checkpoint, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16))
 
 
-def test_a_jaxlm_preset_saves_as_its_hf_architecture(tmp_path):
-    """A jaxlm model of a supported shape is written as that architecture (here Qwen3-Next) and
-    transformers computes the same logits from it."""
-    config = preset("qwen3_next", d_model=64, n_layers=2, layer_pattern="GA", vocab_size=VOCAB, n_experts=4,
-                    d_expert=16)
+@pytest.mark.parametrize(
+    "name, arch, overrides",
+    [
+        ("qwen3_next", "Qwen3NextForCausalLM", dict(n_layers=2, layer_pattern="GA")),
+        # Tied embeddings, which transformers' Kimi Linear writes as a head of its own.
+        ("kimi_linear", "KimiLinearForCausalLM", dict(d_ff=96, linear_head_dim=16)),
+    ],
+)
+def test_a_jaxlm_preset_saves_as_its_hf_architecture(tmp_path, name, arch, overrides):
+    """A jaxlm model of a supported shape is written as that architecture and transformers
+    computes the same logits from it."""
+    config = preset(name, d_model=64, vocab_size=VOCAB, n_experts=4, d_expert=16, **overrides)
     model = LM(config, rngs=nnx.Rngs(0))
     hf.save(model, tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Qwen3NextForCausalLM"]
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [arch]
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     x = tokens(4)
     assert_close(np.asarray(jax_logits(model, jnp.asarray(x, jnp.int32))), torch_logits(ref, x), TOL, "preset")
@@ -257,6 +274,11 @@ def llama_config(**overrides) -> dict:
         (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope scaling 'yarn'"),
         (dict(attention_bias=True), "attention_bias=True is not supported"),
         (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        # Two layers by transformers' defaults: KDA with a dense MLP, then KDA with experts.
+        (dict(architectures=["KimiLinearForCausalLM"], num_expert_group=4, topk_group=2),
+         r"KimiLinearForCausalLM: group-limited routing \(n_group=4, topk_group=2\) is not supported"),
+        (dict(architectures=["KimiLinearForCausalLM"], moe_router_activation_func="softmax"),
+         "moe_router_activation_func='softmax' is not supported; supported: 'sigmoid'"),
     ],
 )
 def test_unsupported_architectures_and_options_are_named(tmp_path, fields, message):
@@ -296,6 +318,29 @@ def test_checkpoint_gaps_are_errors(checkpoint, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"lacks the tensors \['model.norm.weight'\]"):
         hf.load(tmp_path)
+
+
+def test_kimi_linear_loads_moonshots_own_layout(checkpoint, tmp_path):
+    """Moonshot's checkpoints keep the dense MLP under ``mlp.`` and give the layer pattern and KDA
+    widths in linear_attn_config (1-indexed layers): the same model loads from them."""
+    from safetensors.numpy import save_file
+
+    ck = checkpoint("KimiLinearForCausalLM")
+    tensors = read_tensors(ck.folder / "model.safetensors")
+    moonshot = {k.replace("layers.0.block_sparse_moe.", "layers.0.mlp."): v for k, v in tensors.items()}
+    assert "model.layers.0.mlp.gate_proj.weight" in moonshot
+    save_file(moonshot, tmp_path / "model.safetensors")
+    config = json.loads((ck.folder / "config.json").read_text())
+    for key in ("layer_types", "mlp_layer_types", "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim"):
+        del config[key]
+    config.update(linear_attn_config={"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 2,
+                                      "head_dim": 16, "short_conv_kernel_size": 4},
+                  first_k_dense_replace=1, moe_layer_freq=1, mla_use_nope=True, moe_router_activation_func="sigmoid")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = hf.load(tmp_path)
+    assert model.config == ck.model.config
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(ck.model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_save_refuses_what_no_architecture_expresses(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxlm.interop import hf_mamba, hf_minimax, hf_nemotron_h, hf_qwen3_next, hf_transformer
+from jaxlm.interop import hf_kimi_linear, hf_mamba, hf_minimax, hf_nemotron_h, hf_qwen3_next, hf_transformer
 from jaxlm.interop.hf_config import Architecture
 from jaxlm.interop.hf_tensors import SINGLE_FILE, CheckpointReader, fill_model, model_tensors, write_safetensors
 from jaxlm.models import LM, ModelConfig
@@ -29,7 +29,7 @@ from jaxlm.models import LM, ModelConfig
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in hf_transformer.ARCHITECTURES + hf_mamba.ARCHITECTURES + hf_qwen3_next.ARCHITECTURES
-    + hf_nemotron_h.ARCHITECTURES + hf_minimax.ARCHITECTURES
+    + hf_nemotron_h.ARCHITECTURES + hf_minimax.ARCHITECTURES + hf_kimi_linear.ARCHITECTURES
 }
 SUPPORTED = tuple(ARCHITECTURES)
 DTYPES = ("float32", "bfloat16")
@@ -84,6 +84,32 @@ def to_model_config(hf: dict, dtype: str = "float32") -> ModelConfig:
     return config.replace(dtype=dtype, param_dtype=dtype)
 
 
+class RenamedReader:
+    """A CheckpointReader whose tensors go by the names an architecture's rules use: each stored
+    name through the ``renames`` (regex, replacement) pairs in turn; the same reads otherwise."""
+
+    def __init__(self, reader: CheckpointReader, renames: tuple[tuple[str, str], ...]):
+        self.reader, self.folder = reader, reader.folder
+        self.stored: dict[str, str] = {}
+        for name in sorted(reader.names()):
+            canonical = name
+            for pattern, replacement in renames:
+                canonical = re.sub(pattern, replacement, canonical)
+            if canonical in self.stored:
+                raise ValueError(f"{reader.folder}: the tensors {self.stored[canonical]} and {name} are two spellings "
+                                 f"of {canonical}; keep one")
+            self.stored[canonical] = name
+
+    def names(self) -> set[str]:
+        return set(self.stored)
+
+    def file_of(self, name: str) -> Path:
+        return self.reader.file_of(self.stored.get(name, name))
+
+    def get(self, name: str):
+        return self.reader.get(self.stored.get(name, name))
+
+
 def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None) -> LM:
     """The LM of a Hugging Face checkpoint folder, parameters in ``dtype`` ("float32" or
     "bfloat16", for compute and storage alike), placed on ``mesh`` as the module docstring says.
@@ -91,7 +117,8 @@ def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None) -> 
     The model is built abstractly and filled tensor by tensor: the checkpoint is never in memory
     twice. Every checkpoint tensor must be used (apart from ones transformers ignores or
     recomputes too: multi-token-prediction heads, MiniMax's decay buffers), so a mapping gap is
-    an error, not a silent skip.
+    an error, not a silent skip. Tensor names pass through the architecture's ``renames`` first,
+    so other spellings of the same checkpoint (Moonshot's Kimi Linear) load too.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -103,7 +130,8 @@ def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None) -> 
         raise ValueError(f"{Path(path) / CONFIG_FILE}: {err}") from None
     rules = arch.rules(config)
     abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
-    with CheckpointReader(path) as reader:
+    with CheckpointReader(path) as stored:
+        reader = RenamedReader(stored, arch.renames)
         wanted = {name for rule in rules for name in rule.hf}
         extra = sorted(n for n in reader.names() - wanted if not any(re.search(p, n) for p in arch.ignored))
         if extra:

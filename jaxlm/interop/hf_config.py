@@ -26,6 +26,9 @@ class Architecture:
     from_config: Callable[[ModelConfig], dict]
     rules: Callable[[ModelConfig], list[Rule]]
     ignored: tuple[str, ...] = ()  # regexes of checkpoint tensors transformers ignores or derives from the config
+    # (regex, replacement) pairs giving other checkpoints' spellings of a tensor the name the rules use
+    # (Moonshot's Kimi Linear keeps dense MLPs under mlp., transformers writes block_sparse_moe.)
+    renames: tuple[tuple[str, str], ...] = ()
 
 
 def unsupported(arch: str, what: str, supported: str) -> ValueError:
