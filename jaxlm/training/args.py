@@ -39,7 +39,7 @@ class TrainArgs:
     preset: PresetName = "qwen3_next"
     """Model family (jaxlm.models.preset)."""
     size: SizeName = "small"
-    steps: int = 150
+    steps: int = 60
     """Optimizer steps in all (a resumed run continues to this count)."""
     batch_size: int = 8
     """Global batch, in rows of seq_len tokens."""
