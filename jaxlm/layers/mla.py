@@ -52,8 +52,7 @@ from jaxlm.layers.rotary import apply_rope
 from jaxlm.layers.validation import check_choice, check_positive, check_positive_float
 from jaxlm.ops import nonfinite, validation
 from jaxlm.ops.attention.api import poison_heads
-from jaxlm.ops.attention.cached import CACHED_ATTENTION_FORMS, slot_positions, write_slot
-from jaxlm.ops.sequence import segment_starts
+from jaxlm.ops.attention.cached import CACHED_ATTENTION_FORMS, new_token_documents, slot_positions, write_tokens
 from jaxlm.typing import Arr, Hidden, SegmentIds
 
 ROPE_LAYOUTS = ("interleaved", "half", None)
@@ -318,9 +317,7 @@ class MultiHeadLatentAttention(nnx.Module):
         b, t, h, _ = q.shape
         kn, slots = self.qk_nope_head_dim, cache.c_kv.shape[1]
         validation.check_segment_ids(segment_ids, b, t)
-        starts = segment_starts(segment_ids, b, t)
-        q_doc = cache.doc[:, None] + jnp.cumsum(starts, axis=1, dtype=jnp.int32)  # [B, T]
-        q_pos = cache.pos + jnp.arange(t, dtype=jnp.int32)  # [T]
+        starts, q_doc, q_pos = new_token_documents(cache, segment_ids, b, t)
         # Non-finite values are stored as zeros and put back where they reach (ops.nonfinite).
         q, bad_queries = nonfinite.isolate(q, 3)
         bad = ~(jnp.isfinite(c_kv).all(axis=-1) & jnp.isfinite(k_rope).all(axis=-1))  # [B, T]
@@ -328,18 +325,11 @@ class MultiHeadLatentAttention(nnx.Module):
         k_rope = nonfinite.finite_or_zero(k_rope).astype(cache.k_rope.dtype)
         last_bad = nonfinite.last_bad_position(bad[..., None], q_pos, starts, cache.last_bad[:, None])[..., 0]
 
-        # Only the last `slots` new tokens can stay; their slots are distinct, so the scatter is exact.
-        n = min(t, slots)
-        write = jnp.mod(q_pos[t - n :], slots)
-        if t == 1:
-            # One slot, in place; write_slot takes [B, Hk, L, ·], here with a single "head".
-            new_c = write_slot(cache.c_kv[:, None], c_kv[:, None], write[0])[:, 0]
-            new_r = write_slot(cache.k_rope[:, None], k_rope[:, None], write[0])[:, 0]
-            new_doc = jax.lax.dynamic_update_slice_in_dim(cache.key_doc, q_doc, write[0], axis=1)
-        else:
-            new_c = cache.c_kv.at[:, write].set(c_kv[:, t - n :])
-            new_r = cache.k_rope.at[:, write].set(k_rope[:, t - n :])
-            new_doc = cache.key_doc.at[:, write].set(q_doc[:, t - n :])
+        # write_tokens takes head-major [B, Hk, L, ·] buffers: here with a single "head".
+        (new_c, new_r), new_doc = write_tokens(
+            (cache.c_kv[:, None], cache.k_rope[:, None]), (c_kv[:, None], k_rope[:, None]), cache.key_doc, q_doc, q_pos
+        )
+        new_c, new_r = new_c[:, 0], new_r[:, 0]
         new = LatentCache(
             c_kv=new_c, k_rope=new_r, key_doc=new_doc, doc=q_doc[:, -1], pos=cache.pos + t, last_bad=last_bad[:, -1]
         )

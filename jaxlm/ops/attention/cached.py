@@ -108,6 +108,33 @@ def write_slot(buf: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(is_new, new, pair), start, axis=2)
 
 
+def new_token_documents(cache: Any, segment_ids: SegmentIds | None, b: int, t: int) -> tuple[jax.Array, ...]:
+    """(starts [B, T] bool, q_doc [B, T] int32, q_pos [T] int32) of a call's T new tokens: where a
+    document starts, each token's document number and its position. ``cache`` has ``doc`` [B] and
+    ``pos`` []; the call's first document continues the cache's last one."""
+    starts = segment_starts(segment_ids, b, t)
+    q_doc = cache.doc[:, None] + jnp.cumsum(starts, axis=1, dtype=jnp.int32)
+    q_pos = cache.pos + jnp.arange(t, dtype=jnp.int32)
+    return starts, q_doc, q_pos
+
+
+def write_tokens(
+    buffers: tuple[jax.Array, ...], new: tuple[jax.Array, ...], key_doc: jax.Array, q_doc: jax.Array, q_pos: jax.Array
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """Writes T new tokens at slots q_pos mod L: each of ``new`` [B, Hk, T, ·] into its buffer
+    [B, Hk, L, ·], and q_doc [B, T] into key_doc [B, L]. Returns (buffers, key_doc)."""
+    t, slots = q_pos.shape[0], key_doc.shape[1]
+    # Only the last `slots` new tokens can stay; their slots are distinct, so the scatter is exact.
+    n = min(t, slots)
+    write = jnp.mod(q_pos[t - n :], slots)
+    if t == 1:
+        # A decode step writes one slot, in place in the donated cache.
+        written = tuple(write_slot(buf, x, write[0]) for buf, x in zip(buffers, new))
+        return written, jax.lax.dynamic_update_slice_in_dim(key_doc, q_doc, write[0], axis=1)
+    written = tuple(buf.at[:, :, write].set(x[:, :, t - n :]) for buf, x in zip(buffers, new))
+    return written, key_doc.at[:, write].set(q_doc[:, t - n :])
+
+
 def _check_args(q: Any, k: Any, v: Any, cache: KVCache, segment_ids: Any, scale: Any, window: Any) -> None:
     b, t, _, dk, s, hk, dv = check_attention_qkv(q, k, v)
     if s != t:
@@ -157,9 +184,7 @@ def cached_attention(
     out_dtype = v.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     slots = cache.k.shape[2]
-    starts = segment_starts(segment_ids, b, t)
-    q_doc = cache.doc[:, None] + jnp.cumsum(starts, axis=1, dtype=jnp.int32)  # [B, T]
-    q_pos = cache.pos + jnp.arange(t, dtype=jnp.int32)  # [T]
+    starts, q_doc, q_pos = new_token_documents(cache, segment_ids, b, t)
     # Non-finite values are stored as zeros and put back where they reach (ops.nonfinite).
     (q, bad_queries), (k, bad_k), (v, bad_v) = (nonfinite.isolate(x, 3) for x in (q, k, v))
     last_bad = nonfinite.last_bad_position(bad_k | bad_v, q_pos, starts, cache.last_bad)  # [B, T, Hk]
@@ -167,17 +192,7 @@ def cached_attention(
     k = jnp.swapaxes(k, 1, 2).astype(cache.k.dtype)
     v = jnp.swapaxes(v, 1, 2).astype(cache.v.dtype)
 
-    # Only the last `slots` new tokens can stay; their slots are distinct, so the scatter is exact.
-    n = min(t, slots)
-    write = jnp.mod(q_pos[t - n :], slots)
-    if t == 1:
-        # A decode step writes one slot, in place in the donated cache.
-        new_k, new_v = write_slot(cache.k, k, write[0]), write_slot(cache.v, v, write[0])
-        new_key_doc = jax.lax.dynamic_update_slice_in_dim(cache.key_doc, q_doc, write[0], axis=1)
-    else:
-        new_k = cache.k.at[:, :, write].set(k[:, :, t - n :])
-        new_v = cache.v.at[:, :, write].set(v[:, :, t - n :])
-        new_key_doc = cache.key_doc.at[:, write].set(q_doc[:, t - n :])
+    (new_k, new_v), new_key_doc = write_tokens((cache.k, cache.v), (k, v), cache.key_doc, q_doc, q_pos)
     new_cache = KVCache(
         k=new_k, v=new_v, key_doc=new_key_doc, doc=q_doc[:, -1], pos=cache.pos + t, last_bad=last_bad[:, -1]
     )
