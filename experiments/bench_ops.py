@@ -1,6 +1,7 @@
 """Scaling benchmark of every op and form against softmax attention.
 
-  python experiments/bench_ops.py [--seq-lens 1024 2048 4096 8192 16384] [--repeats 3]
+  python experiments/bench_ops.py [--seq-lens 1024 2048 4096 8192 16384] [--repeats 3] [--ops ...]
+      [--forms recurrent associative chunk] [--chunk-size C]
   python experiments/bench_ops.py --plot-only     # tables and plot again from bench_ops.csv
 
 For each op and execution form it times the forward pass and forward+backward at B=1, H=4,
@@ -40,24 +41,24 @@ def make_inputs(t: int) -> dict[str, jax.Array]:
     )
 
 
-# op name -> (function of (inputs, impl) -> o, the inputs it differentiates)
+# op name -> (function of (inputs, **op keywords: impl, chunk_size) -> o, the inputs it differentiates)
 OPS = {
-    "linear_attn": (lambda x, impl: ops.linear_attn(x["q"], x["k"], x["v"], impl=impl)[0], ("q", "k", "v")),
-    "simple_gla": (lambda x, impl: ops.simple_gla(x["q"], x["k"], x["v"], x["g"], impl=impl)[0], ("q", "k", "v", "g")),
-    "gla": (lambda x, impl: ops.gla(x["q"], x["k"], x["v"], x["gk"], impl=impl)[0], ("q", "k", "v", "gk")),
+    "linear_attn": (lambda x, **kw: ops.linear_attn(x["q"], x["k"], x["v"], **kw)[0], ("q", "k", "v")),
+    "simple_gla": (lambda x, **kw: ops.simple_gla(x["q"], x["k"], x["v"], x["g"], **kw)[0], ("q", "k", "v", "g")),
+    "gla": (lambda x, **kw: ops.gla(x["q"], x["k"], x["v"], x["gk"], **kw)[0], ("q", "k", "v", "gk")),
     "delta_rule": (
-        lambda x, impl: ops.delta_rule(x["q"], x["k"], x["v"], x["beta"], impl=impl)[0],
+        lambda x, **kw: ops.delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw)[0],
         ("q", "k", "v", "beta"),
     ),
     "gated_delta_rule": (
-        lambda x, impl: ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], impl=impl)[0],
+        lambda x, **kw: ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)[0],
         ("q", "k", "v", "g", "beta"),
     ),
     "kda": (
-        lambda x, impl: ops.kda(x["q"], x["k"], x["v"], x["gk"], x["beta"], impl=impl)[0],
+        lambda x, **kw: ops.kda(x["q"], x["k"], x["v"], x["gk"], x["beta"], **kw)[0],
         ("q", "k", "v", "gk", "beta"),
     ),
-    "attention": (lambda x, impl: ops.attention(x["q"], x["k"], x["v"], causal=True), ("q", "k", "v")),
+    "attention": (lambda x, **_: ops.attention(x["q"], x["k"], x["v"], causal=True), ("q", "k", "v")),
 }
 FORMS = ("recurrent", "associative", "chunk")
 # One colour per op and one line style per form, so that no two curves look alike.
@@ -76,14 +77,15 @@ def _read_rows(path: pathlib.Path) -> list[dict]:
         ]
 
 
-def build(op: str, impl: str | None):
+def build(op: str, impl: str | None, chunk_size: int | None = None):
     fn, diff = OPS[op]
+    kw = dict(impl=impl) if chunk_size is None else dict(impl=impl, chunk_size=chunk_size)
 
     def loss(d, rest):
-        return jnp.sum(fn({**rest, **d}, impl))
+        return jnp.sum(fn({**rest, **d}, **kw))
 
     def fwd(x):
-        return fn(x, impl)
+        return fn(x, **kw)
 
     def fwd_bwd(x):
         d = {n: x[n] for n in diff}
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         help="longest T for the associative forms: they hold a K×V (delta rules: also K×K) matrix per "
         "token at every scan level, and at T=16384 the delta rules' fwd+bwd exceeds 24 GB",
     )
+    p.add_argument("--chunk-size", type=int, default=None, help="the chunk forms' chunk size; default each op's own")
     p.add_argument("--out", type=pathlib.Path, default=HERE / "bench_ops")
     p.add_argument("--resume", action="store_true", help="keep the rows already in OUT.csv and measure only the rest")
     p.add_argument("--plot-only", action="store_true", help="measure nothing: tables and plot from OUT.csv")
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         built = {}
         for done, (op, impl, t) in enumerate(cases, 1):
             if (op, impl) not in built:
-                built[(op, impl)] = build(op, None if impl == "xla" else impl)
+                chunk_size = args.chunk_size if impl == "chunk" else None
+                built[(op, impl)] = build(op, None if impl == "xla" else impl, chunk_size)
             fwd, fwd_bwd = built[(op, impl)]
             x = make_inputs(t)
             fwd_s = best_seconds(fwd, x, repeats=args.repeats)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numbers
 
 from jaxlm.models.config import ModelConfig
-from jaxlm.ops.gla.chunk_vector import SUB_CHUNK
+from jaxlm.ops.channel_scores import SUB_CHUNK
 from jaxlm.ops.sequence import effective_chunk_size
 
 COMPONENTS = ("dense_matmuls", "conv", "head", "attention_mixing", "recurrence_mixing")

@@ -12,10 +12,10 @@ so with T = (I + A)^{-1}, W = T diag(β) (K ⊙ γ) and U' = T diag(β) V (both 
   o   = (Q ⊙ γ) S0 + P U           P[t, s] = Σ_c q_tc k_sc decay_c(t <- s) for s <= t
   S'  = diag(γ_C) S0 + Σ_s diag(decay(C <- s)) k_s u_sᵀ
 A scalar gate factors the scores as (q_t·k_s) decay(t <- s); a per-channel one does not, and
-its [C, C, K] decays are formed directly, each a masked exp of a difference that cannot
-overflow. ``prepare`` does the solve and keeps W, U' and the decays (linear in T,
-like the inputs); ``advance`` and ``readout`` only need U = U' − W S, and ``readout`` rebuilds
-the C×C scores, so no quadratic intermediate outlives its chunk group. They plug into
+its scores come from secondary chunking (ops.channel_scores), every decay a masked exp of a
+difference that cannot overflow. ``prepare`` does the solve and keeps W, U' and the decays
+(linear in T, like the inputs); ``advance`` and ``readout`` only need U = U' − W S, and
+``readout`` rebuilds the C×C scores, so no quadratic intermediate outlives its chunk group. They plug into
 ``run_chunked``.
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops.channel_scores import channel_scores
 from jaxlm.ops.gate_cumsum import chunk_cumsums, masked_decay
 from jaxlm.typing import ChunkMatrix, ChunkValues, State
 
@@ -38,16 +39,13 @@ def _cumsums(x):
 
 def _scores(a, k, b, count, *, strict: bool):
     """Σ_c a_tc k_sc decay_c(t <- s) [B, t, s, H] for s <= t (s < t when strict)."""
+    if b.shape[-1] != 1:
+        return channel_scores(a, k, b, count, strict=strict)
     c = b.shape[1]
     mask = jnp.tril(jnp.ones((c, c), bool), -1 if strict else 0)[None, :, :, None, None]
     same = jnp.logical_and(mask, count[:, :, None] == count[:, None, :])
-    decay = masked_decay(b[:, :, None], b[:, None, :], same)  # [B, t, s, H, 1 or K]
-    if b.shape[-1] == 1:
-        return jnp.einsum("bthk,bshk->btsh", a, k, precision=HIGHEST) * decay[..., 0]
-    # A per-channel decay does not factor out of the product: the [C, C, K] tensor itself. GLA's
-    # secondary chunking avoids it, but under the chunk driver's batched VJP it crashed XLA:CPU
-    # (jax 0.10.2, a segmentation fault at run time), so this form keeps the plain tensor.
-    return jnp.sum(a[:, :, None] * k[:, None] * decay, axis=-1)
+    decay = masked_decay(b[:, :, None], b[:, None, :], same)  # [B, t, s, H, 1]
+    return jnp.einsum("bthk,bshk->btsh", a, k, precision=HIGHEST) * decay[..., 0]
 
 
 def _unit_lower_inverse(a: jax.Array) -> jax.Array:
