@@ -174,6 +174,12 @@ def embedding_rules(config: ModelConfig, embed: str, head: str = "lm_head.weight
     return rules
 
 
+def block_norm_rules(hf: str, jx: str) -> list[Rule]:
+    """A decoder layer's two RMSNorm weights: before its mixer and before its feed-forward."""
+    return [same(f"{hf}.input_layernorm.weight", f"{jx}.mixer_norm.weight"),
+            same(f"{hf}.post_attention_layernorm.weight", f"{jx}.ffn_norm.weight")]
+
+
 def attention_rules(hf: str, jx: str, config: ModelConfig) -> list[Rule]:
     """q/k/v/o projections and the optional QK norms of one attention layer."""
     rules = [linear(f"{hf}.{p}.weight", f"{jx}.{p}.kernel") for p in ("q_proj", "k_proj", "v_proj", "o_proj")]

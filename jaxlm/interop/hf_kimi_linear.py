@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from jaxlm.interop.hf_config import (
-    Architecture, check_int, common_fields, common_hf_fields, embedding_rules, expect, expert_rules, mlp_rules, need,
-    periodic, unsupported,
+    Architecture, block_norm_rules, check_int, common_fields, common_hf_fields, embedding_rules, expect,
+    expert_rules, mlp_rules, need, periodic, unsupported,
 )
 from jaxlm.interop.hf_tensors import Arrays, Rule, linear, same
 from jaxlm.models import ModelConfig
@@ -263,8 +263,7 @@ def rules(config: ModelConfig) -> list[Rule]:
     out = _embedding_rules(config) + [same("model.norm.weight", "final_norm.weight")]
     for i, (mixer, ffn) in enumerate(config.layer_kinds()):
         hf, jx = f"model.layers.{i}", f"blocks.{i}"
-        out += [same(f"{hf}.input_layernorm.weight", f"{jx}.mixer_norm.weight"),
-                same(f"{hf}.post_attention_layernorm.weight", f"{jx}.ffn_norm.weight")]
+        out += block_norm_rules(hf, jx)
         if mixer == "K":
             out += _kda_rules(f"{hf}.self_attn", f"{jx}.mixer", config)
         else:

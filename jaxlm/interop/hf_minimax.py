@@ -13,8 +13,8 @@ diagonal_decay) are derived from the config, so they are neither read nor writte
 from __future__ import annotations
 
 from jaxlm.interop.hf_config import (
-    Architecture, attention_fields, attention_hf_fields, attention_rules, check_int, common_fields, common_hf_fields,
-    embedding_rules, expert_rules, need, periodic, unsupported,
+    Architecture, attention_fields, attention_hf_fields, attention_rules, block_norm_rules, check_int,
+    common_fields, common_hf_fields, embedding_rules, expert_rules, need, periodic, unsupported,
 )
 from jaxlm.interop.hf_tensors import Rule, grouped_rows, linear, same
 from jaxlm.models import ModelConfig
@@ -96,8 +96,7 @@ def rules(config: ModelConfig) -> list[Rule]:
     out = embedding_rules(config, "model.embed_tokens.weight") + [same("model.norm.weight", "final_norm.weight")]
     for i, (mixer, _) in enumerate(config.layer_kinds()):
         hf, jx = f"model.layers.{i}", f"blocks.{i}"
-        out += [same(f"{hf}.input_layernorm.weight", f"{jx}.mixer_norm.weight"),
-                same(f"{hf}.post_attention_layernorm.weight", f"{jx}.ffn_norm.weight")]
+        out += block_norm_rules(hf, jx)
         if mixer == "L":
             out += _lightning_rules(f"{hf}.self_attn", f"{jx}.mixer", config)
         else:

@@ -13,8 +13,9 @@ grouped-value ops do. Multi-token-prediction tensors (``mtp.*``) are ignored, as
 from __future__ import annotations
 
 from jaxlm.interop.hf_config import (
-    Architecture, attention_fields, attention_hf_fields, check_int, common_fields, common_hf_fields,
-    embedding_rules, expert_rules, mlp_rules, moe_pattern, need, need_plain_blocks, num_experts, periodic, unsupported,
+    Architecture, attention_fields, attention_hf_fields, block_norm_rules, check_int, common_fields,
+    common_hf_fields, embedding_rules, expert_rules, mlp_rules, moe_pattern, need, need_plain_blocks, num_experts,
+    periodic, unsupported,
 )
 from jaxlm.interop.hf_tensors import Rule, conv, grouped_rows, linear, same
 from jaxlm.models import ModelConfig
@@ -110,8 +111,7 @@ def rules(config: ModelConfig) -> list[Rule]:
     out = embedding_rules(config, "model.embed_tokens.weight") + [same("model.norm.weight", "final_norm.weight")]
     for i, (mixer, ffn) in enumerate(config.layer_kinds()):
         hf, jx = f"model.layers.{i}", f"blocks.{i}"
-        out += [same(f"{hf}.input_layernorm.weight", f"{jx}.mixer_norm.weight"),
-                same(f"{hf}.post_attention_layernorm.weight", f"{jx}.ffn_norm.weight")]
+        out += block_norm_rules(hf, jx)
         if mixer == "G":
             out += _deltanet_rules(f"{hf}.linear_attn", f"{jx}.mixer", config)
         else:

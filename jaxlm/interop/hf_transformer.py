@@ -14,9 +14,9 @@ SwiGLU experts under ``model.layers.{i}``. What differs:
 from __future__ import annotations
 
 from jaxlm.interop.hf_config import (
-    Architecture, attention_fields, attention_hf_fields, attention_rules, check_int, common_fields,
-    common_hf_fields, embedding_rules, expert_rules, mlp_rules, moe_pattern, need, need_plain_blocks, num_experts,
-    periodic, unsupported, window_fields,
+    Architecture, attention_fields, attention_hf_fields, attention_rules, block_norm_rules, check_int,
+    common_fields, common_hf_fields, embedding_rules, expert_rules, mlp_rules, moe_pattern, need, need_plain_blocks,
+    num_experts, periodic, unsupported, window_fields,
 )
 from jaxlm.interop.hf_tensors import Rule, same
 from jaxlm.models import ModelConfig
@@ -55,8 +55,7 @@ def _layer_rules(config: ModelConfig, moe_names: tuple[str, str, str] = ("gate_p
     rules = embedding_rules(config, "model.embed_tokens.weight") + [same("model.norm.weight", "final_norm.weight")]
     for i, (_, ffn) in enumerate(config.layer_kinds()):
         hf, jx = f"model.layers.{i}", f"blocks.{i}"
-        rules += [same(f"{hf}.input_layernorm.weight", f"{jx}.mixer_norm.weight"),
-                  same(f"{hf}.post_attention_layernorm.weight", f"{jx}.ffn_norm.weight")]
+        rules += block_norm_rules(hf, jx)
         rules += attention_rules(f"{hf}.self_attn", f"{jx}.mixer", config)
         if ffn == "E":
             rules += expert_rules(f"{hf}.{moe_module}", f"{jx}.ffn", config.n_experts, moe_names)
