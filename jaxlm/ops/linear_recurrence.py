@@ -182,11 +182,15 @@ def run_forms(
     scale = dk**-0.5 if scale is None else scale
     f32 = jnp.float32
     q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
-    s0 = jnp.zeros((b, hv, dk, dv), f32) if initial_state is None else initial_state.astype(f32)
     reset = segment_starts(segment_ids, b, t)
 
     (q, query_bad), (k, key_bad), (v, value_bad) = (nonfinite.isolate(x, 3) for x in (q, k, v))
-    s0, state_bad = nonfinite.isolate(s0, 2)
+    if initial_state is None:
+        # A zero start state needs no check: XLA would constant-fold isfinite over all of it,
+        # which at training sizes took over a second of every compile.
+        s0, state_bad = jnp.zeros((b, hv, dk, dv), f32), None
+    else:
+        s0, state_bad = nonfinite.isolate(initial_state.astype(f32), 2)
     query_bad = repeat_heads(query_bad, groups)
     write_bad = repeat_heads(key_bad, groups) | value_bad
     if log_gate is not None:
