@@ -1,10 +1,12 @@
 """Decode latency per token and cache bytes against context length, per model preset.
 
   python experiments/bench_decode.py [--contexts 256 512 1024 2048 4096 8192 16384 32768]
-      [--presets transformer gated_deltanet qwen3_next] [--repeats 5] [--min-seconds 0.25]
+      [--presets transformer gated_deltanet qwen3_next (or kimi_linear, kda_only, mla_only, gqa_only)] [--repeats 5] [--min-seconds 0.25]
       [--rounds 5] [--nnx-jit-at 256 4096 32768] [--out experiments/bench_decode.csv]
 
-Each preset is built at size ``small`` in float32, batch 1, on the default device. A decode step
+Each preset is built at size ``small`` in float32, batch 1, on the default device; ``kda_only``,
+``mla_only`` and ``gqa_only`` are kimi_linear's small config with one mixer in every layer (KDA,
+MLA, or GQA attention with 6 query and 3 key/value heads, MLA's head count). A decode step
 is ``model(token[:, None], cache=cache)`` compiled once per cache shape; it is timed two ways:
 
 - ``compiled``: ``jax.jit`` of a pure function of ``nnx.split(model)``'s state, the program that
@@ -52,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.layers.cache import RecurrentCache
+from jaxlm.layers.mla import LatentCache
 from jaxlm.ops import KVCache
 from jaxlm.models import LM, LMOutput, preset
 
@@ -59,6 +62,13 @@ HERE = pathlib.Path(__file__).resolve().parent
 SIZE = "small"
 CONTEXTS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 PRESETS = ["transformer", "gated_deltanet", "qwen3_next"]
+# Single-mixer models beside the presets: kimi_linear's small config with one mixer letter in every
+# layer, so that KDA, MLA and GQA attention at the same head count compare layer for layer.
+VARIANTS = {
+    "kda_only": ("kimi_linear", dict(layer_pattern="K")),
+    "mla_only": ("kimi_linear", dict(layer_pattern="C")),
+    "gqa_only": ("kimi_linear", dict(layer_pattern="A", n_kv_heads=3)),
+}
 METHODS = ("compiled", "nnx_jit")
 FIELDS = [
     "preset", "context", "cache", "cache_bytes", "attention_cache_bytes", "recurrent_cache_bytes",
@@ -94,7 +104,7 @@ def cache_bytes(cache: tuple) -> tuple[int, int]:
     attention = recurrent = 0
     for layer in cache:
         n = sum(x.nbytes for x in jax.tree.leaves(layer))
-        if isinstance(layer, KVCache):
+        if isinstance(layer, (KVCache, LatentCache)):
             attention += n
         elif isinstance(layer, RecurrentCache):
             recurrent += n
@@ -112,14 +122,16 @@ def synthetic_cache(model: LM, context: int, seed: int = 0) -> tuple:
     out = []
     for layer in layers:
         key, k1, k2 = jax.random.split(key, 3)
-        if isinstance(layer, KVCache):
+        if isinstance(layer, (KVCache, LatentCache)):
+            # The two cached tensors: keys and values, or the kv latent and the RoPE key.
+            first, second = ("k", "v") if isinstance(layer, KVCache) else ("c_kv", "k_rope")
             written = jnp.arange(layer.key_doc.shape[1]) < context
-            out.append(layer._replace(
-                k=jax.random.normal(k1, layer.k.shape, layer.k.dtype),
-                v=jax.random.normal(k2, layer.v.shape, layer.v.dtype),
-                key_doc=jnp.where(written[None, :], 0, layer.key_doc).astype(jnp.int32),
-                pos=jnp.asarray(context, jnp.int32),
-            ))
+            out.append(layer._replace(**{
+                first: jax.random.normal(k1, getattr(layer, first).shape, getattr(layer, first).dtype),
+                second: jax.random.normal(k2, getattr(layer, second).shape, getattr(layer, second).dtype),
+                "key_doc": jnp.where(written[None, :], 0, layer.key_doc).astype(jnp.int32),
+                "pos": jnp.asarray(context, jnp.int32),
+            }))
         elif isinstance(layer, RecurrentCache):
             state = 0.1 * jax.random.normal(k1, layer.state.shape, layer.state.dtype)
             conv = None if layer.conv is None else jax.random.normal(k2, layer.conv.shape, layer.conv.dtype)
@@ -149,7 +161,7 @@ def compare_caches(real: tuple, synthetic: tuple) -> list[str]:
         if a.shape != b.shape or a.dtype != b.dtype:
             problems.append(f"{path}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}")
     for i, (a, b) in enumerate(zip(real, synthetic)):
-        if isinstance(a, KVCache):
+        if isinstance(a, (KVCache, LatentCache)):
             for name in ("pos", "key_doc", "doc"):
                 if not np.array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name))):
                     problems.append(f"layer {i} {name}: prefilled {np.asarray(getattr(a, name))} "
@@ -181,6 +193,7 @@ def cache_copies(model: LM, cache: tuple) -> list[str]:
     step = jax.jit(lambda s, tokens, c: _decode(nnx.merge(graphdef, s), tokens, c), donate_argnums=(2,))
     text = step.lower(state, jnp.ones((1, 1), jnp.int32), cache).compile().as_text()
     sizes = {math.prod(x.shape) for layer in cache if isinstance(layer, KVCache) for x in (layer.k, layer.v)}
+    sizes |= {math.prod(layer.c_kv.shape) for layer in cache if isinstance(layer, LatentCache)}
     hits = []
     for line in text.splitlines():
         m = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* copy\(", line)
@@ -245,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     cases: list[Case] = []
     check_ctx = contexts[0]
     for name in args.presets:
-        model = LM(preset(name, SIZE), rngs=nnx.Rngs(0))
+        family, overrides = VARIANTS.get(name, (name, {}))
+        model = LM(preset(family, SIZE, **overrides), rngs=nnx.Rngs(0))
         steps = make_steps(model)
         problems = compare_caches(prefill_cache(model, check_ctx), synthetic_cache(model, check_ctx))
         if problems:
@@ -350,6 +364,23 @@ def _targets(cases: list[Case], contexts: list[int]) -> None:
             best, a, b = ratio_range(gdn_4k, gdn_lo, "nnx_jit")
             print(f"  gated_deltanet step (nnx.jit per call) 4096 vs 256: {best:.2f}x [{a:.2f}-{b:.2f}] (information: "
                   "the same compiled program and Python path at both contexts, so this is noise)")
+    for name in ("kda_only", "kimi_linear"):
+        k_lo, k_4k = _find(cases, name, 256), _find(cases, name, 4096)
+        if k_lo and k_4k:
+            best, a, b = ratio_range(k_4k, k_lo)
+            target = "(target <= 1.25x)" if name == "kda_only" else "(its MLA layers read a growing cache)"
+            print(f"  {name} step (compiled) 4096 vs 256: {best:.2f}x [{a:.2f}-{b:.2f}] {target}"
+                  + (f": {verdict(best <= 1.25)}" if name == "kda_only" else ""))
+    mla, gqa = _find(cases, "mla_only", hi), _find(cases, "gqa_only", hi)
+    if mla and gqa:
+        per_token = lambda c: c.attention_bytes / (c.context + 1) / len(c.caches["compiled"])  # noqa: E731
+        print(f"  cache bytes per token and layer at {hi}: mla_only {per_token(mla):.0f}, gqa_only {per_token(gqa):.0f} "
+              f"({per_token(mla) / per_token(gqa):.2f}x)")
+        for ctx in contexts:
+            m, g = _find(cases, "mla_only", ctx), _find(cases, "gqa_only", ctx)
+            if m and g:
+                best, a, b = ratio_range(m, g)
+                print(f"  mla_only / gqa_only step (compiled) at {ctx}: {best:.2f}x [{a:.2f}-{b:.2f}]")
     gdn = [c for c in cases if c.preset == "gated_deltanet" and c.origin == "synthetic"]
     if gdn:
         sizes = {c.attention_bytes + c.recurrent_bytes for c in gdn}
