@@ -6,11 +6,10 @@ import tempfile
 import jaxtyping
 import pytest
 
-# Eight fake CPU devices for sharding tests; must be set before jax initialises. The suite's
-# shapes are tiny, so compiling dominates its time: LLVM's optimisation level 0 compiles each
-# program in about half the time (floating-point semantics are the same: XLA:CPU allows no
-# reassociation at any level). Subprocess training runs set their own flags.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+from xla_flags import xla_flags
+
+# Eight fake CPU devices for sharding tests; must be set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One persistent compilation cache for this test session, shared with the training runs that

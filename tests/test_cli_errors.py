@@ -14,6 +14,7 @@ from jaxlm import cli
 from jaxlm.training import optimizer
 from jaxlm.training.args import parse_args
 from jaxlm.training.loop import train
+from xla_flags import xla_flags
 
 SMALL = ["--preset", "transformer", "--size", "tiny", "--steps", "4"]
 
@@ -54,7 +55,7 @@ def test_the_default_warmup_is_a_tenth_of_the_steps(steps, warmup):
 
 
 def test_the_cli_prints_the_message_without_a_traceback(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     env.pop("JAXLM_DEBUG", None)
     argv = [sys.executable, "-m", "jaxlm.train", *SMALL, "--out", str(tmp_path / "run"), "--lr", "-1"]
     got = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)

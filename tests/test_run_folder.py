@@ -19,6 +19,7 @@ from jaxlm.training import checkpointing
 from jaxlm.training.args import parse_args
 from jaxlm.training.loop import train
 from jaxlm.training.metrics import read_metrics
+from xla_flags import xla_flags
 
 RUN = ["--preset", "transformer", "--size", "tiny", "--seq-len", "16", "--batch-size", "8", "--steps", "4",
        "--checkpoint-every", "2", "--eval-every", "4", "--eval-batches", "1", "--keep-checkpoints", "10",
@@ -157,7 +158,7 @@ def test_a_failed_checkpoint_write_is_one_message_and_the_earlier_ones_stay(run,
                "resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10)); sys.argv[0] = 'jaxlm.train'; "
                "runpy.run_module('jaxlm.train', run_name='__main__')")  # SIG_IGN: a write past it fails with EFBIG
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAXLM_DEBUG"))}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     argv = [sys.executable, "-c", limited, *RUN, "--data", str(corpus), "--out", str(copy), "--steps", "6"]
     got = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert got.returncode == 1, got.stderr

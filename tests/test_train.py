@@ -2,7 +2,7 @@
 sharded and multi-process runs against a single device.
 
 In this process JAX sees 8 fake CPU devices (conftest.py); runs that need another device count
-go through a subprocess with its own XLA_FLAGS.
+go through a subprocess with its own device count (xla_flags.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from jaxlm.training.checkpointing import load_trained_model
 from jaxlm.train import main as train_cli
 from jaxlm.training.loop import NonFiniteLoss, train
 from jaxlm.training.metrics import read_metrics
+from xla_flags import xla_flags
 
 TINY = ["--size", "tiny", "--seq-len", "32", "--batch-size", "8", "--warmup", "1", "--sample-tokens", "4",
         "--eval-batches", "1"]
@@ -35,7 +36,7 @@ def run_in_process(out: Path, *extra: str) -> list[dict]:
 
 
 def cli(out: Path, *extra: str, devices: int = 8, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    full_env = {**os.environ, "XLA_FLAGS": xla_flags(devices),
                 "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "jaxlm.train", *TINY, "--out", str(out), *extra],
