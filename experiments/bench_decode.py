@@ -1,8 +1,8 @@
 """Decode latency per token and cache bytes against context length, per model preset.
 
   python experiments/bench_decode.py [--contexts 256 512 1024 2048 4096 8192 16384 32768]
-      [--presets transformer gated_deltanet qwen3_next (or kimi_linear, kda_only, mla_only, gqa_only)] [--repeats 5] [--min-seconds 0.25]
-      [--rounds 5] [--nnx-jit-at 256 4096 32768] [--out experiments/bench_decode.csv]
+      [--presets transformer gated_deltanet qwen3_next (or kimi_linear, kda_only, mla_only, gqa_only)]
+      [--repeats 5] [--min-seconds 0.25] [--rounds 5] [--nnx-jit-at 256 4096 32768] [--out experiments/bench_decode.csv]
 
 Each preset is built at size ``small`` in float32, batch 1, on the default device; ``kda_only``,
 ``mla_only`` and ``gqa_only`` are kimi_linear's small config with one mixer in every layer (KDA,

@@ -24,30 +24,34 @@ HIGHEST = "highest"
 SUB_CHUNK = 16
 
 
-def _blocks(x: jax.Array, n: int) -> jax.Array:
+def blocks(x: jax.Array, n: int) -> jax.Array:
     """[B, C, ...] -> [B, n, C/n, ...]."""
     return x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:])
 
 
-def channel_scores(a: jax.Array, k: jax.Array, b: jax.Array, count: jax.Array, *, strict: bool) -> jax.Array:
-    """Σ_c a_tc k_sc decay_c(t <- s) [B, t, s, H] for s <= t (s < t when strict), 0 elsewhere.
+def channel_score_blocks(
+    a: jax.Array, k: jax.Array, b: jax.Array, count: jax.Array, *, strict: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """The scores Σ_c a_tc k_sc decay_c(t <- s) by sub-chunk: (diagonal [B, n, t, s, H], each
+    sub-chunk's queries on its own keys, s <= t (s < t when strict); cross [B, n, t, C, H], its
+    queries on the keys of earlier sub-chunks, 0 elsewhere, or None when n = 1).
 
     a, k: [B, C, H, K]; b, count: [B, C, H, K], the gate's reset-aware cumsums (gate_cumsum):
-    decay_c(t <- s) = exp(b_tc − b_sc) where count_tc == count_sc, else 0. C is a power of two.
+    decay_c(t <- s) = exp(b_tc − b_sc) where count_tc == count_sc, else 0. C is a power of two
+    and n = C / min(SUB_CHUNK, C).
     """
-    batch, c, h, _ = a.shape
+    c = a.shape[1]
     sub = min(SUB_CHUNK, c)
     n = c // sub
 
     # Diagonal sub-chunks: the decay tensor itself.
-    ab, kb, bb, cb = (_blocks(x, n) for x in (a, k, b, count))
+    ab, kb, bb, cb = (blocks(x, n) for x in (a, k, b, count))
     causal = jnp.tril(jnp.ones((sub, sub), bool), -1 if strict else 0)[None, None, :, :, None, None]
     same = jnp.logical_and(causal, cb[:, :, :, None] == cb[:, :, None, :])
     decay = masked_decay(bb[:, :, :, None], bb[:, :, None, :], same)  # [B, n, t, s, H, K]
     diagonal = jnp.einsum("bithk,bishk,bitshk->bitsh", ab, kb, decay, precision=HIGHEST)
-    scores = jnp.einsum("bitsh,ij->bitjsh", diagonal, jnp.eye(n, dtype=diagonal.dtype)).reshape(batch, n, sub, c, h)
     if n == 1:
-        return scores.reshape(batch, c, c, h)
+        return diagonal, None
 
     # Keys in earlier sub-chunks, through the boundary r_i = i·sub − 1 (sub-chunk 0 has none).
     ref = jnp.maximum(jnp.arange(n) * sub - 1, 0)
@@ -56,5 +60,16 @@ def channel_scores(a: jax.Array, k: jax.Array, b: jax.Array, count: jax.Array, *
     earlier = (jnp.arange(c)[None, :] < (jnp.arange(n) * sub)[:, None])[None, :, :, None, None]
     k_keep = jnp.logical_and(earlier, count_ref[:, :, None] == count[:, None])
     k_factor = k[:, None] * masked_decay(b_ref[:, :, None], b[:, None], k_keep)  # [B, n, C, H, K]
-    scores = scores + jnp.einsum("bithk,bishk->bitsh", a_factor, k_factor, precision=HIGHEST)
-    return scores.reshape(batch, c, c, h)
+    return diagonal, jnp.einsum("bithk,bishk->bitsh", a_factor, k_factor, precision=HIGHEST)
+
+
+def channel_scores(a: jax.Array, k: jax.Array, b: jax.Array, count: jax.Array, *, strict: bool) -> jax.Array:
+    """Σ_c a_tc k_sc decay_c(t <- s) [B, t, s, H] for s <= t (s < t when strict), 0 elsewhere: the
+    blocks of ``channel_score_blocks`` (same arguments) as one C×C matrix."""
+    batch, c, h, _ = a.shape
+    diagonal, cross = channel_score_blocks(a, k, b, count, strict=strict)
+    if cross is None:
+        return diagonal.reshape(batch, c, c, h)
+    n = diagonal.shape[1]
+    on_diagonal = jnp.einsum("bitsh,ij->bitjsh", diagonal, jnp.eye(n, dtype=diagonal.dtype))
+    return (cross + on_diagonal.reshape(cross.shape)).reshape(batch, c, c, h)

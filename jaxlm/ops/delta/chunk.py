@@ -15,8 +15,8 @@ A scalar gate factors the scores as (q_t·k_s) decay(t <- s); a per-channel one 
 its scores come from secondary chunking (ops.channel_scores), every decay a masked exp of a
 difference that cannot overflow. ``prepare`` does the solve and keeps W, U' and the decays
 (linear in T, like the inputs); ``advance`` and ``readout`` only need U = U' − W S, and
-``readout`` rebuilds the C×C scores, so no quadratic intermediate outlives its chunk group. They plug into
-``run_chunked``.
+``readout`` rebuilds the C×C scores, so no quadratic intermediate outlives its chunk group.
+They plug into ``run_chunked``.
 """
 
 from __future__ import annotations

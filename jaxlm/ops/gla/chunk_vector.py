@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxlm.ops.channel_scores import channel_scores
+from jaxlm.ops.channel_scores import blocks, channel_score_blocks
 from jaxlm.ops.gate_cumsum import chunk_cumsums, masked_decay
 from jaxlm.typing import ChunkValues, State
 
@@ -45,5 +45,10 @@ def readout(x: tuple, aux: tuple, s: State) -> ChunkValues:
     b, count = _cumsums(x)
     query_decay = masked_decay(b, 0.0, count == 0)
     inter = jnp.einsum("bthk,bhkv->bthv", q * query_decay, s, precision=HIGHEST)
-    intra = jnp.einsum("btsh,bshv->bthv", channel_scores(q, k, b, count, strict=False), v, precision=HIGHEST)
-    return intra + inter
+    # By sub-chunk, each block of scores straight into its values: no C×C matrix is assembled.
+    diagonal, cross = channel_score_blocks(q, k, b, count, strict=False)
+    n = diagonal.shape[1]
+    intra = jnp.einsum("bitsh,bishv->bithv", diagonal, blocks(v, n), precision=HIGHEST)
+    if cross is not None:
+        intra = intra + jnp.einsum("bitsh,bshv->bithv", cross, v, precision=HIGHEST)
+    return intra.reshape(inter.shape) + inter
