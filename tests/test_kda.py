@@ -117,3 +117,15 @@ def test_default_impl_and_final_state_optional():
     assert s is None
     o_ref, _ = forward_fn("kda", "recurrent")({**x, "s0": np.zeros_like(x["s0"])}, None)
     assert_close(o, o_ref, F32_OUT, "o")
+
+
+def test_chunk_form_default_tile_is_16_on_cpu():
+    # chunk_size=None picks the tile KDA's chunk form runs fastest at on XLA:CPU (RESULTS.md).
+    assert jax.default_backend() == "cpu"
+    x = make_inputs((1, 40, 2, 4, 2, 3), seed=8)
+    args = (x["q"], x["k"], x["v"], x["gk"], x["beta"])
+    default = jax.jit(lambda *a: ops.kda(*a, impl="chunk", output_final_state=True))(*args)
+    at_16 = jax.jit(lambda *a: ops.kda(*a, impl="chunk", chunk_size=16, output_final_state=True))(*args)
+    at_64 = jax.jit(lambda *a: ops.kda(*a, impl="chunk", chunk_size=64, output_final_state=True))(*args)
+    chex.assert_trees_all_equal(default, at_16)
+    assert not all(np.array_equal(a, b) for a, b in zip(default, at_64)), "None should not run 64-token chunks"

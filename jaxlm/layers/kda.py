@@ -56,7 +56,7 @@ class KimiDeltaAttention(nnx.Module):
         dt_init_floor: float = 1e-4,
         norm_eps: float = 1e-5,
         impl: str | None = None,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,

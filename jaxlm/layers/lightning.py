@@ -49,7 +49,7 @@ class LightningAttention(nnx.Module):
         n_layers: int = 1,
         norm_eps: float = 1e-6,
         impl: str | None = None,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,

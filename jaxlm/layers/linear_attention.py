@@ -59,7 +59,7 @@ class LinearAttention(nnx.Module):
         output_norm: bool = False,
         norm_eps: float = 1e-5,
         impl: str | None = None,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,

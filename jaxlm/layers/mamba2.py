@@ -59,7 +59,7 @@ class Mamba2(nnx.Module):
         norm_groups: int | None = None,
         n_heads: int | None = None,
         impl: str | None = None,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,

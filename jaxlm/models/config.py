@@ -137,7 +137,7 @@ class ModelConfig:
 
     # Execution.
     impl: str | None = None  # recurrence form for full sequences and prefill; None: the fastest
-    chunk_size: int = 64
+    chunk_size: int | None = None  # None: each op's default (ops.sequence.default_chunk_size)
     moe_impl: str | None = None
     dtype: Literal[DTYPES] = "float32"  # compute
     param_dtype: Literal[DTYPES] = "float32"  # storage
@@ -291,9 +291,9 @@ def _check_pattern(name: str, pattern: Any, legend: dict[str, str]) -> None:
 def _check(config: ModelConfig) -> None:
     _positive_ints(config, "vocab_size", "d_model", "n_layers", "n_heads", "window", "conv_size")
     _positive_ints(config, "gla_gate_low_rank_dim", "mamba_d_state", "mamba_expand", "mamba_head_dim")
-    _positive_ints(config, "mamba_n_groups", "d_ff", "n_experts", "top_k", "chunk_size")
+    _positive_ints(config, "mamba_n_groups", "d_ff", "n_experts", "top_k")
     _optional_positive_ints(
-        config, "n_kv_heads", "head_dim", "linear_n_heads", "linear_head_dim",
+        config, "chunk_size", "n_kv_heads", "head_dim", "linear_n_heads", "linear_head_dim",
         "linear_n_v_heads", "linear_head_v_dim", "d_expert", "shared_d_ff", "mamba_norm_groups",
         "mamba_n_heads", "mla_kv_lora_rank", "mla_q_lora_rank", "mla_qk_nope_head_dim", "mla_v_head_dim",
     )

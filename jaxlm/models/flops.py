@@ -13,7 +13,8 @@ A multiply-add is 2 FLOPs. Per token, the forward pass counts:
                      mean_t min(window, t) for sliding-window layers (only the causal triangle:
                      a dense kernel that computes the masked half does work the model does not need).
   recurrence_mixing  the chunk form, per value head with key width K, value width V and the chunk
-                     C actually run, min(config.chunk_size, the power of two at or above T); the
+                     C actually run, min(config.chunk_size or its default, the power of two at or
+                     above T; ops.sequence.default_chunk_size); the
                      C×C intra-chunk blocks count whole, as the chunk form runs them (padding to
                      whole chunks does not count):
     scalar gate (Mamba-2, Lightning, linear attention)  4KV + 2C(K + V):
@@ -39,7 +40,7 @@ import numbers
 
 from jaxlm.models.config import ModelConfig
 from jaxlm.ops.channel_scores import SUB_CHUNK
-from jaxlm.ops.sequence import effective_chunk_size
+from jaxlm.ops.sequence import default_chunk_size, effective_chunk_size
 
 COMPONENTS = ("dense_matmuls", "conv", "head", "attention_mixing", "recurrence_mixing")
 
@@ -72,7 +73,7 @@ def delta_chunk_flops(k: int, v: int, chunk: int) -> float:
 def _mixer(kind: str, c: ModelConfig, seq_len: int) -> tuple[int, int, float, float]:
     """(projection weights, conv weights, attention FLOPs, recurrence FLOPs) per token of one mixer."""
     d = c.d_model
-    chunk = effective_chunk_size(c.chunk_size, seq_len)
+    chunk = effective_chunk_size(default_chunk_size(c.chunk_size, kda_chunk_form=kind == "K"), seq_len)
     if kind in "AW":
         h, hk, hd = c.n_heads, c.resolved_n_kv_heads, c.resolved_head_dim
         proj = d * h * hd + 2 * d * hk * hd + h * hd * d + (d * h * hd if c.attention_output_gate else 0)

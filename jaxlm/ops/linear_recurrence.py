@@ -66,7 +66,7 @@ def check_common(q, k, v, *, forms: FormTable, scale, initial_state, segment_ids
 
 def run_chunk_form(
     prepare: Callable, advance: Callable, readout: Callable, per_token: tuple, reset: Resets, s0: State,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> tuple[Values, State]:
     """Pads [B, T, ...] inputs to whole chunks, runs the chunked recurrence, trims the output.
 
@@ -117,7 +117,7 @@ def _kernel_cumsums(g: jax.Array, reset: jax.Array, chunk: int):
 
 
 def run_pallas(
-    family: str, c: Canonical, g: ScalarGate | VectorGate, chunk_size: int, beta: Beta | None = None
+    family: str, c: Canonical, g: ScalarGate | VectorGate, chunk_size: int | None, beta: Beta | None = None
 ) -> tuple[Values, State]:
     """Runs the Pallas kernel of an op family ("simple_gla", "gla", "delta" or "kda"); raises
     FormUnavailable for head dims past KERNEL_MAX_HEAD_DIM.
@@ -162,7 +162,7 @@ def run_forms(
     scale: float | None,
     initial_state: State | None,
     segment_ids: SegmentIds | None,
-    chunk_size: int,
+    chunk_size: int | None,
     output_final_state: bool,
     log_gate: ScalarGate | VectorGate | None = None,
     beta: Beta | None = None,

@@ -26,9 +26,25 @@ def segment_starts(segment_ids: SegmentIds | None, batch: int, length: int) -> R
     return jnp.concatenate([jnp.zeros((batch, 1), bool), change], axis=1)
 
 
-def effective_chunk_size(chunk_size: int, length: int) -> int:
-    """The chunk size actually used: no larger than the next power of two above T."""
-    return min(chunk_size, 1 << max(0, (length - 1).bit_length()))
+DEFAULT_CHUNK_SIZE = 64
+# KDA's XLA chunk form on CPU runs fastest at 16-token chunks: above that, the matmuls between
+# sub-chunks cost more than the state passes they replace (experiments/RESULTS.md, issue 16).
+KDA_CPU_CHUNK_SIZE = 16
+
+
+def default_chunk_size(chunk_size: int | None, *, kda_chunk_form: bool = False) -> int:
+    """``chunk_size``, or where it is None the default: 64, and 16 for KDA's chunk form on CPU."""
+    if chunk_size is not None:
+        return chunk_size
+    if kda_chunk_form and jax.default_backend() == "cpu":
+        return KDA_CPU_CHUNK_SIZE
+    return DEFAULT_CHUNK_SIZE
+
+
+def effective_chunk_size(chunk_size: int | None, length: int) -> int:
+    """The chunk size actually used: ``chunk_size`` (None: the default), no larger than the next
+    power of two above T."""
+    return min(default_chunk_size(chunk_size), 1 << max(0, (length - 1).bit_length()))
 
 
 def pad_time(x: jax.Array, multiple: int, value=0) -> jax.Array:

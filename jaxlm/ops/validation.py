@@ -107,12 +107,13 @@ def check_segment_ids(segment_ids: Any, batch: int, length: int) -> None:
     check_shape("segment_ids", segment_ids, (batch, length), "B,T")
 
 
-def check_chunk_size(chunk_size: Any) -> int:
+def check_chunk_size(chunk_size: Any) -> None:
+    if chunk_size is None:
+        return
     if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
         raise ValueError(f"chunk_size must be a positive power of two, got {chunk_size!r}")
     if chunk_size <= 0 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a positive power of two, got {chunk_size}")
-    return int(chunk_size)
 
 
 def check_scale(scale: Any) -> None:

@@ -17,26 +17,36 @@ from jaxlm.ops.delta import chunk
 from jaxlm.ops.delta.associative import delta_associative
 from jaxlm.ops.delta.recurrent import delta_recurrent
 from jaxlm.ops.dispatch import FormTable, Impl
+from jaxlm.ops.sequence import default_chunk_size
 from jaxlm.typing import QK, Beta, ScalarGate, SegmentIds, State, Values, VectorGate, no_type_check
 
 # Every form: (c: Canonical, g [B, T, HV] or [B, T, HV, K] log gates, beta [B, T, HV], float32,
 # *, chunk_size) -> (o [B, T, HV, V] float32, final state [B, HV, K, V]).
 
 
-def _recurrent(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+def _recurrent(
+    c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int | None
+) -> tuple[Values, State]:
     return delta_recurrent(c.q, c.k, c.v, lr.per_channel_gate(g), beta, c.reset, c.s0)
 
 
-def _associative(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+def _associative(
+    c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int | None
+) -> tuple[Values, State]:
     return delta_associative(c.q, c.k, c.v, lr.per_channel_gate(g), beta, c.reset, c.s0)
 
 
-def _chunk(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+def _chunk(
+    c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int | None
+) -> tuple[Values, State]:
     per_token = (c.q, c.k, c.v, lr.per_channel_gate(g), beta)
-    return lr.run_chunk_form(chunk.prepare, chunk.advance, chunk.readout, per_token, c.reset, c.s0, chunk_size)
+    size = default_chunk_size(chunk_size, kda_chunk_form=g.ndim == 4)
+    return lr.run_chunk_form(chunk.prepare, chunk.advance, chunk.readout, per_token, c.reset, c.s0, size)
 
 
-def _pallas(c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int) -> tuple[Values, State]:
+def _pallas(
+    c: lr.Canonical, g: ScalarGate | VectorGate, beta: Beta, *, chunk_size: int | None
+) -> tuple[Values, State]:
     return lr.run_pallas("delta" if g.ndim == 3 else "kda", c, g, chunk_size, beta)
 
 
@@ -61,7 +71,7 @@ def gated_delta_rule(
     output_final_state: bool = False,
     segment_ids: SegmentIds | None = None,
     impl: Impl = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[Values, State | None]:
     """Gated delta rule (Gated DeltaNet, Qwen3-Next's linear layers).
 
@@ -75,7 +85,8 @@ def gated_delta_rule(
       segment_ids: [B, T] ints of packed documents; the state resets where the id changes.
       impl: a form ("recurrent", "associative", "chunk", "pallas"), a sequence of forms tried in
         order, or None for the platform's default list (see ops.dispatch).
-      chunk_size: a positive power of two, for the chunk form.
+      chunk_size: a positive power of two, the chunk form's and the kernel's tile; None: 64 (16 for
+        KDA's chunk form on CPU, see ops.sequence.default_chunk_size).
     Returns:
       o [B, T, HV, V] in v's dtype, and the final state or None.
     """
@@ -103,7 +114,7 @@ def delta_rule(
     output_final_state: bool = False,
     segment_ids: SegmentIds | None = None,
     impl: Impl = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[Values, State | None]:
     """Delta rule (DeltaNet): the gated delta rule with no decay, g = 0.
 
@@ -121,7 +132,8 @@ def delta_rule(
     validation.check_beta(beta, (b, t, hv))
     return lr.run_forms(
         DELTA_RULE_FORMS, impl, q, k, v, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-        chunk_size=chunk_size, output_final_state=output_final_state, log_gate=jnp.zeros((b, t, hv), jnp.float32), beta=beta,
+        chunk_size=chunk_size, output_final_state=output_final_state, log_gate=jnp.zeros((b, t, hv), jnp.float32),
+        beta=beta,
     )
 
 
@@ -138,7 +150,7 @@ def kda(
     output_final_state: bool = False,
     segment_ids: SegmentIds | None = None,
     impl: Impl = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[Values, State | None]:
     """Kimi Delta Attention: the gated delta rule with a decay per key channel (Kimi Linear).
 

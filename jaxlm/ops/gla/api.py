@@ -25,20 +25,20 @@ NORMALIZER_EPS = 1e-10
 # *, chunk_size) -> (o [B, T, HV, V] float32, final state [B, HV, K, V]).
 
 
-def _recurrent(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int) -> tuple[Values, State]:
+def _recurrent(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int | None) -> tuple[Values, State]:
     return diagonal_recurrent(c.q, c.k, c.v, lr.per_channel_gate(g), c.reset, c.s0)
 
 
-def _associative(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int) -> tuple[Values, State]:
+def _associative(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int | None) -> tuple[Values, State]:
     return diagonal_associative(c.q, c.k, c.v, lr.per_channel_gate(g), c.reset, c.s0)
 
 
-def _chunk(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int) -> tuple[Values, State]:
+def _chunk(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int | None) -> tuple[Values, State]:
     form = chunk_vector if g.ndim == 4 else chunk_scalar
     return lr.run_chunk_form(form.prepare, form.advance, form.readout, (c.q, c.k, c.v, g), c.reset, c.s0, chunk_size)
 
 
-def _pallas(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int) -> tuple[Values, State]:
+def _pallas(c: lr.Canonical, g: ScalarGate | VectorGate, *, chunk_size: int | None) -> tuple[Values, State]:
     return lr.run_pallas("gla" if g.ndim == 4 else "simple_gla", c, g, chunk_size)
 
 
@@ -63,7 +63,7 @@ def simple_gla(
     output_final_state: bool = False,
     segment_ids: SegmentIds | None = None,
     impl: Impl = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[Values, State | None]:
     """Scalar-gated linear attention: Mamba-2/SSD, RetNet, Lightning attention.
 
@@ -78,7 +78,8 @@ def simple_gla(
       segment_ids: [B, T] ints of packed documents; the state resets where the id changes.
       impl: a form ("recurrent", "associative", "chunk", "pallas"), a sequence of forms tried in
         order, or None for the platform's default list (see ops.dispatch).
-      chunk_size: a positive power of two, for the chunk form.
+      chunk_size: a positive power of two, the chunk form's and the kernel's tile; None: 64 (16 for
+        KDA's chunk form on CPU, see ops.sequence.default_chunk_size).
     Returns:
       o [B, T, HV, V] in v's dtype, and the final state or None.
     """
@@ -121,7 +122,7 @@ def gla(
     output_final_state: bool = False,
     segment_ids: SegmentIds | None = None,
     impl: Impl = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[Values, State | None]:
     """Gated linear attention with a per-key-channel gate.
 
@@ -155,7 +156,7 @@ def linear_attn(
     output_final_state: bool = False,
     segment_ids: SegmentIds | None = None,
     impl: Impl = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[Values, State | None]:
     """Causal linear attention, o_t = Σ_{s<=t} (scale·q_t · k_s) v_s: Q(KᵀV) instead of (QKᵀ)V.
 
