@@ -42,3 +42,19 @@ if "jaxlm" in sys.modules:
 jaxtyping.install_import_hook(
     ["jaxlm.ops", "jaxlm.layers"], "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"
 )
+
+
+# The modules that take longest, slowest first (measured with --durations in a CI run). A worker
+# runs whole modules (--dist loadfile), taken in collection order, so these start at once and no
+# long module is left running alone at the end; xdist's own reordering, by test count, put
+# test_train.py last.
+SLOWEST_MODULES_FIRST = (
+    "test_train.py", "test_experiments_recall.py", "test_experiments_scaling.py", "test_fuzz_arguments.py",
+    "test_sharding.py", "test_run_folder.py", "test_models.py", "test_hf_interop.py",
+    "test_cli_errors_generate_convert.py", "test_cli_errors.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
