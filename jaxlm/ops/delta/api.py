@@ -85,8 +85,7 @@ def gated_delta_rule(
       segment_ids: [B, T] ints of packed documents; the state resets where the id changes.
       impl: a form ("recurrent", "associative", "chunk", "pallas"), a sequence of forms tried in
         order, or None for the platform's default list (see ops.dispatch).
-      chunk_size: a positive power of two, the chunk form's and the kernel's tile; None: 64 (16 for
-        KDA's chunk form on CPU, see ops.sequence.default_chunk_size).
+      chunk_size: a positive power of two, the chunk form's and the kernel's tile; None: 64.
     Returns:
       o [B, T, HV, V] in v's dtype, and the final state or None.
     """
