@@ -160,6 +160,8 @@ def kda(
       g: [B, T, HV, K] natural-log decays <= 0; state row k decays by exp(g[..., k]). A gate at
         or below −30 (and −inf) clears its row exactly.
       beta: [B, T, HV] write strengths, usually in (0, 1).
+      chunk_size: as in ``gated_delta_rule``, except that None runs the chunk form on CPU at 16,
+        its fastest tile there (ops.sequence.default_chunk_size).
       Other arguments as in ``gated_delta_rule``.
     Returns:
       o [B, T, HV, V] in v's dtype, and the final state [B, HV, K, V] float32 or None.
