@@ -1,5 +1,6 @@
 import gc
 import os
+import shutil
 import sys
 import tempfile
 
@@ -15,7 +16,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for this test session, shared with the training runs that
 # tests start as subprocesses: they compile the same programs. (No size limit: with one, every
 # write scans the whole cache folder under a file lock, which made the suite markedly slower.)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlm-test-xla-cache-"))
+# The process that makes the folder (pytest's controller; xdist workers inherit it) removes it.
+CREATED_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    CREATED_CACHE_DIR = tempfile.mkdtemp(prefix="jaxlm-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = CREATED_CACHE_DIR
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402  (after the environment above)
@@ -58,3 +63,8 @@ SLOWEST_MODULES_FIRST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOWEST_MODULES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if CREATED_CACHE_DIR is not None:
+        shutil.rmtree(CREATED_CACHE_DIR, ignore_errors=True)
