@@ -54,7 +54,8 @@ jaxtyping.install_import_hook(
 # long module is left running alone at the end; xdist's own reordering, by test count, put
 # test_train.py last.
 SLOWEST_MODULES_FIRST = (
-    "test_train.py", "test_experiments_recall.py", "test_experiments_scaling.py", "test_fuzz_arguments.py",
+    "test_train.py", "test_experiments_recall.py", "test_notebooks.py", "test_experiments_scaling.py",
+    "test_fuzz_arguments.py",
     "test_sharding.py", "test_run_folder.py", "test_models.py", "test_hf_interop.py",
     "test_cli_errors_generate_convert.py", "test_cli_errors.py",
 )
