@@ -67,7 +67,7 @@ def agreement(op: str, t: int, forms: Sequence[str] = ("associative", "chunk")) 
     _check_op(op)
     _check_lengths([t])
     x = bench_ops.make_inputs(t)
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision("float32"):
         results = {form: jax.jit(lambda x, form=form: _CALLS[op](x, form))(x) for form in ("recurrent", *forms)}
     ref_o, ref_s = results["recurrent"]
     return {form: dict(o_max_abs=float(np.max(np.abs(np.asarray(o) - np.asarray(ref_o)))),

@@ -13,7 +13,7 @@ records ||S_t[i, :]|| for every step t and key channel i:
                      what the state holds for k instead of adding to it, so the rows stay bounded.
 
 ``inputs`` builds gates that make this visible: a constant scalar decay with one full reset
-halfway, per-channel decays spread from slow to fast, and unit-norm keys.
+halfway, per-channel decays spread from slow to fast (time constants 500 to 1.5 steps), and unit-norm keys.
 """
 
 from __future__ import annotations
@@ -38,18 +38,20 @@ OPS = {
     "gated_delta_rule": "Gated DeltaNet: scalar decay + delta rule",
 }
 RESET_LOG_DECAY = -30.0  # exp(-30) ≈ 1e-13: the scalar gate at the reset step forgets everything
+SLOWEST_MEMORY, FASTEST_MEMORY = 500.0, 1.5  # GLA's channels' time constants τ, in steps: decay exp(−1/τ)
 
 
 def inputs(t: int, k: int = 16, v: int = 16, seed: int = 0) -> dict[str, jax.Array]:
     """One sequence, one head: q, k [1, t, 1, k] (k unit-norm), v [1, t, 1, v]; g [1, t, 1]: log 0.95
-    at every step but step t // 2, where it is RESET_LOG_DECAY; gk [1, t, 1, k]: channel i decays
-    by exp(gk) from 0.999 (i = 0) to 0.5 (i = k − 1); beta [1, t, 1] = 0.5."""
+    at every step but step t // 2, where it is RESET_LOG_DECAY; gk [1, t, 1, k] = −1/τ_i: channel i
+    remembers for τ_i steps, geometrically spaced from SLOWEST_MEMORY (i = 0) down to FASTEST_MEMORY
+    (i = k − 1); beta [1, t, 1] = 0.5."""
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in (t, k, v)):
         raise ValueError(f"t, k and v must be ints >= 2, got t={t!r}, k={k!r}, v={v!r}")
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
     keys = jax.random.normal(kk, (1, t, 1, k))
     g = jnp.full((1, t, 1), np.log(0.95), jnp.float32).at[:, t // 2].set(RESET_LOG_DECAY)
-    per_channel = jnp.log(jnp.linspace(0.999, 0.5, k, dtype=jnp.float32))
+    per_channel = -1.0 / jnp.geomspace(SLOWEST_MEMORY, FASTEST_MEMORY, k, dtype=jnp.float32)
     return dict(
         q=jax.random.normal(kq, (1, t, 1, k)),
         k=keys / jnp.linalg.norm(keys, axis=-1, keepdims=True),
@@ -72,10 +74,7 @@ def _step(op: str, x: dict[str, jax.Array], state: jax.Array) -> jax.Array:
     return ops.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **common)[1]
 
 
-def states(op: str, x: dict[str, jax.Array]) -> jax.Array:
-    """S_t for every step: [T, K, V] (batch 0, head 0), one op call per token from a zero state."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {list(OPS)}, got {op!r}")
+def _states(op: str, x: dict[str, jax.Array]) -> jax.Array:
     _, t, h, dk = x["k"].shape
     dv = x["v"].shape[-1]
 
@@ -88,9 +87,21 @@ def states(op: str, x: dict[str, jax.Array]) -> jax.Array:
     return history
 
 
+_states_jit = jax.jit(_states, static_argnums=0)
+
+
+def states(op: str, x: dict[str, jax.Array]) -> np.ndarray:
+    """S_t for every step: [T, K, V] (batch 0, head 0), one op call per token from a zero state,
+    with matmuls at full float32 precision (a TPU's default would round their inputs to bfloat16)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {list(OPS)}, got {op!r}")
+    with jax.default_matmul_precision("float32"):
+        return np.asarray(_states_jit(op, x))
+
+
 def state_row_norms(op: str, x: dict[str, jax.Array]) -> np.ndarray:
     """||S_t[i, :]|| for every step t and key channel i: [T, K]."""
-    return np.asarray(jnp.linalg.norm(jax.jit(states, static_argnums=0)(op, x), axis=-1))
+    return np.linalg.norm(states(op, x), axis=-1)
 
 
 def plot(norms: dict[str, np.ndarray], path: pathlib.Path | None = None):
