@@ -12,8 +12,9 @@ data-parallel mesh over them, the compute dtype, the ops' form choice, and the s
 kernels then the chunk form on GPU and TPU, the chunk form on CPU; see ``jaxlm.ops.dispatch``),
 so a notebook passes ``impl=rt.impl`` and never names a kernel itself.
 
-Why float32 on GPU: Colab's usual GPU, a T4, has no bfloat16 matmul units, and the numerics
-contract's float32 tolerances then hold everywhere but on TPU, whose matrix units take bfloat16.
+Why float32 on GPU: Colab's usual GPU, a T4, has no bfloat16 matmul units, so bfloat16 would gain
+nothing there; on a newer GPU pass ``--dtype bfloat16`` (or ModelConfig(dtype="bfloat16")) yourself.
+A TPU's matrix units take bfloat16, so there it is the default.
 """
 
 from __future__ import annotations
