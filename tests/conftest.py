@@ -49,14 +49,15 @@ jaxtyping.install_import_hook(
 )
 
 
-# The modules that take longest, slowest first (measured with --durations in a CI run). A worker
+# The modules that take longest, slowest first (by --durations on the 2-core machine, 2026-12-04). A worker
 # runs whole modules (--dist loadfile), taken in collection order, so these start at once and no
 # long module is left running alone at the end; xdist's own reordering, by test count, put
 # test_train.py last.
 SLOWEST_MODULES_FIRST = (
-    "test_train.py", "test_experiments_recall.py", "test_notebooks.py", "test_experiments_scaling.py",
-    "test_fuzz_arguments.py",
-    "test_sharding.py", "test_run_folder.py", "test_models.py", "test_hf_interop.py",
+    "test_train.py", "test_models.py", "test_notebooks.py", "test_gla_family.py", "test_pallas_tpu_interpret.py",
+    "test_long_context.py", "test_experiments_scaling.py", "test_experiments_recall.py", "test_run_folder.py",
+    "test_dispatch.py", "test_training_parts.py", "test_fuzz_arguments.py", "test_pallas_attention.py",
+    "test_nonfinite.py", "test_kda.py", "test_hf_interop.py", "test_sharding.py",
     "test_cli_errors_generate_convert.py", "test_cli_errors.py",
 )
 
