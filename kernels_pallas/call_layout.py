@@ -89,7 +89,7 @@ class KernelLayout:
         for kind, operands in (("in ", self.inputs), ("out", self.outputs)):
             for op in operands:
                 block = "[" + ", ".join("·" if d is None else str(d) for d in op.block) + "]"
-                lines.append(f"  {kind} {labels.get(op.origin, op.origin):16s} {op.dtype}{list(op.array_shape)} block {block} "
+                lines.append(f"  {kind} {labels.get(op.origin, op.origin):24s} {op.dtype}{list(op.array_shape)} block {block} "
                              f"at {_rename(op.index_map, names)}")
         for shape, dtype, space in self.scratch:
             lines.append(f"  scratch {dtype}{list(shape)} in {space}, kept across the grid's steps")
