@@ -1,0 +1,111 @@
+"""The helpers of the recall and open-models notebooks: experiments/recall_and_cache.py (the MQAR
+grid through recall_mqar's own sweep, and the recall models' decode caches)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `experiments` is a package
+
+from experiments import recall, recall_and_cache, recall_mqar  # noqa: E402
+
+TINY = dict(seq_len=16, num_kv_pairs=2, vocab_size=16, tokens_per_step=64, lrs=(3e-3,), steps=2, eval_examples=8)
+
+
+def test_jobs_follow_the_scripts_defaults():
+    """batch = tokens / L, evaluations every fifth of the budget, halving at a quarter unless vmapped."""
+    grid = recall_and_cache.jobs(["attention", "gdn_attention"], [32, 64], seq_len=64, num_kv_pairs=4, vocab_size=128,
+                                 tokens_per_step=2048, lrs=[1e-3, 1e-2], steps=1000)
+    assert [(j.d_model, j.mixer) for j in grid] == [(32, "attention"), (32, "gdn_attention"), (64, "attention"),
+                                                     (64, "gdn_attention")]
+    j = grid[0]
+    assert (j.batch_size, j.eval_every, j.prune_at, j.stop_at, j.lrs, j.vmap) == (32, 200, 250, 0.99, (1e-3, 1e-2), False)
+    vmapped = recall_and_cache.jobs(["mamba2"], [32], seq_len=64, num_kv_pairs=4, vocab_size=128, tokens_per_step=100,
+                                    lrs=[1e-3], steps=10, vmap=True, stop_at=1.0)[0]
+    assert (vmapped.batch_size, vmapped.eval_every, vmapped.prune_at, vmapped.stop_at) == (1, 2, None, None)
+
+
+def test_jobs_refuse_bad_grids():
+    args = dict(seq_len=64, num_kv_pairs=4, vocab_size=128, tokens_per_step=2048, lrs=[1e-3], steps=100)
+    with pytest.raises(ValueError, match="mixers must be"):
+        recall_and_cache.jobs(["rwkv"], [32], **args)
+    with pytest.raises(ValueError, match="d_models"):
+        recall_and_cache.jobs(["attention"], [], **args)
+    with pytest.raises(ValueError, match="steps >= 2"):
+        recall_and_cache.jobs(["attention"], [32], **(args | dict(steps=1)))
+    with pytest.raises(ValueError):  # 40 pairs do not fit in 64 tokens
+        recall_and_cache.jobs(["attention"], [32], **(args | dict(num_kv_pairs=40)))
+
+
+def test_accuracy_sweep_is_the_harness_sweep_and_draws_its_figure(tmp_path):
+    """The rows of each job, in the grid's order, with the accuracy train_sweep itself gives for the
+    same job; the figure is recall_mqar's, and the caller's matplotlib backend survives it."""
+    grid = recall_and_cache.jobs(["attention", "linear_attention"], [32], **TINY)
+    rows = recall_and_cache.accuracy_sweep(grid)
+    assert [(r["mixer"], r["d_model"], r["best"]) for r in rows] == [("attention", 32, 1), ("linear_attention", 32, 1)]
+    assert recall_and_cache.best_rows(rows) == rows
+    job = grid[0]
+    direct = recall.train_sweep(recall.mqar_config("attention", d_model=32, vocab_size=16),
+                                recall.Task(job.seq_len, job.num_kv_pairs, job.vocab_size), lrs=job.lrs,
+                                steps=job.steps, batch_size=job.batch_size, eval_every=job.eval_every,
+                                eval_examples=job.eval_examples, stop_at=job.stop_at, prune_at=job.prune_at,
+                                log=None).best()
+    assert rows[0]["accuracy"] == round(direct.accuracy, 4) and rows[0]["val_loss"] == round(direct.val_loss, 4)
+    assert rows[0]["steps"] == 2 and rows[0]["batch_size"] == 4
+    csv_path = recall_and_cache.write_csv(rows, tmp_path / "recall.csv")
+    assert csv_path.read_text().splitlines()[0].split(",") == recall_mqar.FIELDS
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        png = recall_and_cache.plot_accuracy(rows, tmp_path / "recall.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cache_rows_grow_with_context_only_for_attention():
+    """A KV slot per token per attention layer (keys, values and the slot's document number); the
+    recurrent models' states do not depend on the context; the 1:1 hybrid holds one of each."""
+    contexts = [256, 512, 2048]
+    rows = recall_and_cache.cache_rows(["attention", "linear_attention", "gated_deltanet", "gdn_attention"], [64],
+                                       vocab_size=32, contexts=contexts)
+    attention = recall_and_cache.cache_at(rows, "attention", 64)
+    heads = 64 // recall.HEAD_DIM
+    per_slot = 2 * (2 * heads * recall.HEAD_DIM * 4 + 4)  # two layers: k and v in float32, and key_doc (int32)
+    assert attention[512]["kv_bytes"] - attention[256]["kv_bytes"] == per_slot * 256
+    assert attention[2048]["kv_bytes"] - attention[512]["kv_bytes"] == per_slot * 1536
+    assert all(r["recurrent_bytes"] == 0 and r["state_elements"] == 0 for r in attention.values())
+    linear = recall_and_cache.cache_at(rows, "linear_attention", 64)
+    assert {r["total_bytes"] for r in linear.values()} == {4 * linear[256]["state_elements"]}  # no conv state
+    gdn = recall_and_cache.cache_at(rows, "gated_deltanet", 64)
+    assert len({r["total_bytes"] for r in gdn.values()}) == 1 and gdn[256]["kv_bytes"] == 0
+    assert gdn[256]["recurrent_bytes"] > 4 * gdn[256]["state_elements"]  # the short convs' states besides
+    hybrid = recall_and_cache.cache_at(rows, "gdn_attention", 64)
+    for c in contexts:
+        assert 2 * hybrid[c]["kv_bytes"] == attention[c]["kv_bytes"]
+        assert 2 * hybrid[c]["recurrent_bytes"] == gdn[c]["recurrent_bytes"]
+    with pytest.raises(ValueError, match="no cache rows"):
+        recall_and_cache.cache_at(rows, "mamba2", 64)
+    with pytest.raises(ValueError, match="contexts"):
+        recall_and_cache.cache_rows(["attention"], [64], vocab_size=32, contexts=[0])
+
+
+def test_plot_cache_draws_one_line_per_mixer_in_each_width():
+    rows = recall_and_cache.cache_rows(["attention", "mamba2"], [32, 64], vocab_size=16, contexts=[128, 1024])
+    fig = recall_and_cache.plot_cache(rows)
+    assert len(fig.axes) == 2
+    for ax, d_model in zip(fig.axes, (32, 64)):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"softmax attention", "Mamba-2"}
+        np.testing.assert_array_equal(lines["softmax attention"].get_ydata(),
+                                      [recall_and_cache.cache_at(rows, "attention", d_model)[c]["total_bytes"]
+                                       for c in (128, 1024)])
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
