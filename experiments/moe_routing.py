@@ -174,8 +174,11 @@ def capacity_sweep(x: jax.Array, logits: jax.Array, weights: tuple, top_k: int,
     "dropped_by_slots" (counted from capacity_slots), "rel_rms" (output against dropless)}."""
     if not factors:
         raise ValueError("factors must hold at least one capacity factor")
-    call = jax.jit(lambda x, logits, w, cf: moe_ops.moe(x, logits, *w, top_k=top_k, capacity_factor=cf),
-                   static_argnums=3)
+    def moe(x, logits, w, cf):
+        with jax.default_matmul_precision("float32"):  # as the capacity path's own einsums
+            return moe_ops.moe(x, logits, *w, top_k=top_k, capacity_factor=cf)
+
+    call = jax.jit(moe, static_argnums=3)
     dropless, aux0 = call(x, logits, weights, None)
     if float(aux0.dropped_fraction) != 0.0:
         raise AssertionError("dropless execution must drop nothing")
@@ -249,10 +252,13 @@ def expert_parallel_check(x: jax.Array, logits: jax.Array, weights: tuple, top_k
 
     cot = jax.random.normal(jax.random.PRNGKey(7), x.shape)
     run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    (_, (y0, aux0)), (dx0, dw0) = run(x, weights, cot)
-    with jax.set_mesh(mesh):
-        jaxpr = str(jax.make_jaxpr(run)(x, weights, cot))
-        (_, (y1, aux1)), (dx1, dw1) = run(x, weights, cot)
+    # Full float32 matmuls on both sides: a GPU's default (TF32) or a TPU's (bfloat16 passes)
+    # would round differently in the differently grouped expert matmuls.
+    with jax.default_matmul_precision("float32"):
+        (_, (y0, aux0)), (dx0, dw0) = run(x, weights, cot)
+        with jax.set_mesh(mesh):
+            jaxpr = str(jax.make_jaxpr(run)(x, weights, cot))
+            (_, (y1, aux1)), (dx1, dw1) = run(x, weights, cot)
 
     def err(a, b):
         return max(relative_rms(u, v) if np.max(np.abs(np.asarray(u) - np.asarray(v))) > ABS_PASS else 0.0
