@@ -109,3 +109,79 @@ def test_plot_cache_draws_one_line_per_mixer_in_each_width():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- experiments/open_models.py
+
+from experiments import long_context, open_models  # noqa: E402
+from jaxlm.models import preset  # noqa: E402
+from jaxlm.models.active_params import param_counts  # noqa: E402
+
+
+def test_model_rows_describe_the_presets_layouts_and_counts():
+    rows = {r["name"]: r for r in open_models.model_rows("tiny", ["qwen3_next", "kimi_linear", "transformer"])}
+    q = rows["qwen3_next"]
+    assert q["layout"] == "3 Gated DeltaNet + 1 attention; MoE in 4 layers: 8 experts, top-2, 1 shared"
+    assert (q["kv_layers"], q["mixer_layers"]) == (1, 4)
+    assert q["active"] == param_counts(preset("qwen3_next", "tiny"))["active"] < q["total"]
+    assert rows["kimi_linear"]["layout"].startswith("3 KDA + 1 MLA; MoE in 3 layers")
+    t = rows["transformer"]
+    assert (t["kv_layers"], t["active_fraction"]) == (4, 1.0)
+    assert t["gflops_per_token"] > q["gflops_per_token"]  # four attention layers at 4K tokens against one
+    with pytest.raises(ValueError, match="names must be"):
+        open_models.model_rows("tiny", ["llama"])
+
+
+def test_cache_sizes_split_kv_from_recurrent_with_mla_among_the_kv_caches():
+    contexts = [128, 1024]
+    for name in ("qwen3_next", "minimax", "transformer"):  # no MLA: the same split as long_context.cache_bytes
+        config = preset(name, "tiny")
+        sizes = open_models.cache_sizes(config, contexts)
+        assert sizes == {c: long_context.cache_bytes(config, c) for c in contexts}
+    kimi = preset("kimi_linear", "tiny")
+    sizes = open_models.cache_sizes(kimi, contexts)
+    assert sizes[128]["recurrent"] == sizes[1024]["recurrent"] > 0  # KDA's states
+    # MLA keeps, per slot, the latent (kv_lora_rank) and the RoPE key (0 here: Kimi Linear's MLA has no
+    # positions) in float32, and the slot's document number.
+    per_slot = (kimi.mla_dims()["kv_lora_rank"] + kimi.mla_dims()["qk_rope_head_dim"]) * 4 + 4
+    assert sizes[1024]["kv"] - sizes[128]["kv"] == per_slot * (1024 - 128)
+    assert sizes[1024]["total"] == long_context.cache_bytes(kimi, 1024)["total"]
+
+
+def test_cache_rows_and_plots():
+    rows = open_models.cache_rows("tiny", [256, 4096], ["qwen3_next", "transformer"])
+    q, t = open_models.by_context(rows, "qwen3_next"), open_models.by_context(rows, "transformer")
+    assert {r["dtype"] for r in rows} == {"bfloat16"}
+    # bfloat16 K and V: the transformer's 4 layers of 2 KV heads of 32 against Qwen3-Next's one layer of 1.
+    assert t[4096]["kv_bytes"] - t[256]["kv_bytes"] == 4 * (2 * 2 * 32 * 2 + 4) * (4096 - 256)
+    assert q[4096]["kv_bytes"] - q[256]["kv_bytes"] == 1 * (2 * 1 * 32 * 2 + 4) * (4096 - 256)
+    fig = open_models.plot_cache(rows)
+    lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}
+    np.testing.assert_array_equal(lines["Qwen3-Next"], [q[256]["total_bytes"], q[4096]["total_bytes"]])
+    bars = open_models.plot_params(open_models.model_rows("tiny", ["qwen3_next", "transformer"]))
+    assert len(bars.axes[0].patches) == 4
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    with pytest.raises(ValueError, match="contexts"):
+        open_models.cache_sizes(preset("transformer", "tiny"), [])
+
+
+def test_logits_against_transformers_and_greedy_text(tmp_path):
+    """A jaxlm transformer saved as LlamaForCausalLM: transformers computes the same logits."""
+    pytest.importorskip("transformers")
+    from flax import nnx
+
+    from jaxlm.data import load_tokenizer
+    from jaxlm.interop import hf
+    from jaxlm.models import LM
+
+    model = LM(preset("transformer", "tiny", n_layers=2, d_ff=64), rngs=nnx.Rngs(0))
+    hf.save(model, tmp_path)
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 9))
+    result = open_models.logits_against_transformers(hf.load(tmp_path), tmp_path, tokens)
+    assert result["max_abs"] < 1e-4 and result["rel_rms"] < 1e-4 and result["top1_agreement"] == 1.0
+    text = open_models.greedy_text(model, load_tokenizer("byte"), "ab", 5)
+    assert text.startswith("ab") and len(text.encode("utf-8", "surrogateescape")) >= 2
+    with pytest.raises(ValueError, match="tokens must be"):
+        open_models.logits_against_transformers(model, tmp_path, np.zeros(3, np.int32))
