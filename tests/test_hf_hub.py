@@ -64,3 +64,27 @@ def test_download_reads_the_cache_alone(tmp_path):
     assert folder == snapshot and (folder / "config.json").read_text() == "{}"
     with pytest.raises(ValueError, match="owner/name"):
         hf_hub.download("tiny")
+
+
+def test_load_from_hub_builds_the_cached_checkpoint(tmp_path):
+    """A checkpoint in the cache's layout (hf.save of a jaxlm model as LlamaForCausalLM) loads by
+    name to a model of the saved model's logits (save and load keep every tensor bit for bit)."""
+    pytest.importorskip("huggingface_hub")
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxlm.interop import hf
+    from jaxlm.models import LM, preset
+
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = tmp_path / "models--someone--llama"
+    original = LM(preset("transformer", "tiny", n_layers=2, d_ff=64), rngs=nnx.Rngs(1))
+    hf.save(original, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    model, folder = hf_hub.load_from_hub("someone/llama", cache_dir=tmp_path, local_files_only=True)
+    assert folder == repo / "snapshots" / commit
+    tokens = jnp.asarray(np.arange(12, dtype=np.int32).reshape(2, 6))
+    np.testing.assert_array_equal(np.asarray(model(tokens).logits), np.asarray(original(tokens).logits))
+    assert model.config.n_layers == 2 and model.config.layer_pattern == "A"

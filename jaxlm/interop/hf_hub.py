@@ -69,8 +69,8 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir: str | Path
 
 
 def load_from_hub(repo_id: str, dtype: str = "float32", mesh: Mesh | None = None, *, revision: str | None = None,
-                  cache_dir: str | Path | None = None) -> tuple[LM, Path]:
+                  cache_dir: str | Path | None = None, local_files_only: bool = False) -> tuple[LM, Path]:
     """(the LM, its local folder): ``download`` then ``jaxlm.interop.hf.load`` in ``dtype`` on
     ``mesh``. The folder also holds the repository's tokenizer.json when it has one."""
-    folder = download(repo_id, revision=revision, cache_dir=cache_dir)
+    folder = download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     return hf.load(folder, dtype, mesh), folder
