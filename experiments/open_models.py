@@ -158,8 +158,7 @@ def greedy_text(model: LM, tokenizer, prompt: str, new_tokens: int) -> str:
     from jaxlm.generate import generate
 
     ids = np.asarray(tokenizer.encode(prompt), np.int32)[None]
-    out = np.asarray(generate(model, ids, new_tokens, temperature=0.0)[0]).tolist()
-    return tokenizer.decode(ids[0].tolist() + out)
+    return tokenizer.decode(np.asarray(generate(model, ids, new_tokens, temperature=0.0)[0]).tolist())  # prompt first
 
 
 def logits_against_transformers(model: LM, folder: str | pathlib.Path, tokens: np.ndarray) -> Mapping[str, float] | None:
