@@ -246,12 +246,13 @@ def expert_parallel_check(x: jax.Array, logits: jax.Array, weights: tuple, top_k
     "dx", "dweights": relative RMS errors, "ok": all within the contract, "all_to_all": whether the
     sharded program exchanges with all-to-all, "shard_map": whether it runs under shard_map}."""
 
-    def loss(x, w, cot):
+    def loss(x, w, cot, logits):
         y, aux = moe_ops.moe(x, logits, *w, top_k=top_k, capacity_factor=capacity_factor)
         return jnp.sum(y * cot), (y, aux)
 
     cot = jax.random.normal(jax.random.PRNGKey(7), x.shape)
-    run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    run = lambda x, w, cot: grads(x, w, cot, logits)  # logits an argument: XLA would fold a constant's top-k
     # Full float32 matmuls on both sides: a GPU's default (TF32) or a TPU's (bfloat16 passes)
     # would round differently in the differently grouped expert matmuls.
     with jax.default_matmul_precision("float32"):

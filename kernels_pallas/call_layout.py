@@ -175,11 +175,25 @@ def _operand(mapping: Any) -> Operand:
                    block=_block_dims(mapping.block_shape), index_map=_index_map_text(mapping.index_map_jaxpr))
 
 
+def _scan_carry_count(eqn: Any) -> int:
+    """How many of a scan's outputs are its carry: the ``num_carry`` parameter where the JAX version
+    has one, else the leading outputs shaped as the body's (the stacked outputs gain a length axis)."""
+    if "num_carry" in eqn.params:
+        return int(eqn.params["num_carry"])
+    body = eqn.params["jaxpr"]
+    count = 0
+    for out, inner in zip(eqn.outvars, getattr(body, "out_avals", ())):
+        if tuple(out.aval.shape) != tuple(inner.shape):
+            break
+        count += 1
+    return count
+
+
 def _top_loops(kernel_jaxpr: Any) -> tuple[KernelLoop, ...]:
     loops = []
     for eqn in kernel_jaxpr.eqns:
         if eqn.primitive.name == "scan":
-            carry = eqn.outvars[: eqn.params["num_carry"]]
+            carry = eqn.outvars[: _scan_carry_count(eqn)]
             loops.append(KernelLoop(int(eqn.params["length"]),
                                     tuple((tuple(v.aval.shape), str(v.aval.dtype)) for v in carry)))
     return tuple(loops)

@@ -131,3 +131,27 @@ def test_bad_arguments():
         pk.time_against_length("gla", [])
     with pytest.raises(ValueError, match="repeats"):
         pk.time_against_length("gla", [16], repeats=0)
+
+
+def test_scan_carry_without_num_carry():
+    """A JAX version whose scan has no num_carry parameter: the carry is read off the shapes."""
+    from kernels_pallas.call_layout import _scan_carry_count
+
+    jaxpr = jax.make_jaxpr(lambda c, xs: lax.scan(lambda c, x: (c + x, c * x), c, xs))(jnp.zeros(3), jnp.ones((5, 3)))
+    (eqn,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert _scan_carry_count(eqn) == 1
+    stripped = eqn.replace(params={k: v for k, v in eqn.params.items() if k != "num_carry"})
+    assert _scan_carry_count(stripped) == 1
+
+
+def test_layouts_for_the_compiled_targets_trace_on_cpu():
+    """The layouts a GPU (Triton) or TPU (Mosaic) runtime shows, traced here without compiling."""
+    from kernels_pallas import kernel_settings
+
+    with kernel_settings(backend="tpu", interpret=False):
+        tpu = pk.layouts("simple_gla", 40, chunk_size=16)
+    assert tpu[0].grid == (4, 1, 3) and tpu[0].interpret == "compiled"
+    assert tpu[0].dimension_semantics == ("parallel", "parallel", "arbitrary")
+    with kernel_settings(backend="gpu", interpret=False):
+        gpu = pk.layouts("gla", 40, chunk_size=16)
+    assert gpu[0].grid == (4, 1) and gpu[0].loops[0].length == 3 and gpu[0].dimension_semantics is None
