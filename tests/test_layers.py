@@ -22,7 +22,7 @@ from jaxlm.layers.mamba2 import Mamba2
 from jaxlm.layers.mlp import SwiGLU
 from jaxlm.layers.norms import GatedRMSNorm, RMSNorm
 from jaxlm.layers.rotary import apply_rope
-from numerics import F32_OUT, assert_close
+from numerics import F32_GRAD, F32_OUT, assert_close
 
 
 def normal(seed, shape):
@@ -173,6 +173,55 @@ def test_masked_attention_blocks_equal_one_block():
     s = np.einsum("d,sd->s", np.float64(q[1, 9, 0]), np.float64(k[1, 0, 8:13])) / np.sqrt(8)
     p = np.exp(s - s.max())
     assert_close(whole[1, 9, 0], (p / p.sum()) @ np.float64(v[1, 0, 8:13]), F32_OUT, "window row")
+
+
+def _numpy_masked_attention(q, k, v, q_pos, q_doc, k_pos, k_doc, scale, window):
+    """float64 loop: query t of row b, head j reads key s of kv head j // G when they share a
+    document, 0 <= k_pos[s] <= q_pos[t] and q_pos[t] - k_pos[s] < window; no visible key: zeros."""
+    q, k, v = (np.float64(x) for x in (q, k, v))
+    b, t, h, _ = q.shape
+    groups = h // k.shape[1]
+    out = np.zeros((b, t, h, v.shape[3]))
+    for bi in range(b):
+        for ti in range(t):
+            diff = q_pos[ti] - k_pos
+            seen = (k_doc[bi] == q_doc[bi, ti]) & (k_pos >= 0) & (diff >= 0) & (diff < window)
+            if not seen.any():
+                continue
+            for j in range(h):
+                s = k[bi, j // groups][seen] @ q[bi, ti, j] * scale
+                p = np.exp(s - s.max())
+                out[bi, ti, j] = (p / p.sum()) @ v[bi, j // groups][seen]
+    return out
+
+
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_masked_attention_key_blocks_equal_the_float64_loop(block_size):
+    """A prefill piece over a long cache walks over key blocks with an online softmax; blocks of
+    4 slots over 13 (one padded) must give the loop's rows and the one-block gradients. Row 0's
+    first query sees no key in its window and document, so it must stay zero."""
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((2, 7, 4, 8)) * 2, jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 2, 13, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 2, 13, 5)), jnp.float32)
+    q_pos = jnp.arange(6, 13)
+    k_pos = jnp.arange(13).at[2].set(-1)
+    q_doc = jnp.asarray([[2] + [3] * 6, [0] * 7])
+    k_doc = jnp.asarray([[0] * 6 + [2] * 1 + [3] * 6, [0] * 13]).at[0, 6].set(1)
+    kw = dict(scale=8**-0.5, window=6, block_size=block_size)
+
+    def run(q, k, v, key_block_size):
+        return masked_attention(q, k, v, q_pos, q_doc, k_pos, k_doc, key_block_size=key_block_size, **kw)
+
+    blocked = jax.jit(run, static_argnums=3)(q, k, v, 4)
+    want = _numpy_masked_attention(q, k, v, np.asarray(q_pos), np.asarray(q_doc), np.asarray(k_pos),
+                                   np.asarray(k_doc), kw["scale"], kw["window"])
+    assert not want[0, 0].any()
+    assert_close(blocked, want, F32_OUT, "key blocks")
+    weights = jnp.asarray(rng.standard_normal(blocked.shape), jnp.float32)
+    grads = [jax.grad(lambda *x: jnp.sum(run(*x, c) * weights), argnums=(0, 1, 2))(q, k, v) for c in (4, None)]
+    for name, got, ref in zip("qkv", *grads):
+        assert_close(got, ref, F32_GRAD, f"d{name}")
 
 
 @pytest.mark.parametrize("slots", [1, 2, 5])
