@@ -30,6 +30,10 @@ Modes, chosen per case before it runs from a cost estimate (see ``estimate_secon
            When even that is predicted over --sample-budget-s it runs all the same with that budget as its
            timeout, so a model's line ends where it runs out of memory or of time ("oom", "timeout");
   skipped  a larger context than one that ran out.
+A full prefill that overruns its timeout (3× the prediction + 300 s: the estimate was wrong) is
+kept as "full timed out", and the sampled mode measures that context instead.
+Cached attention takes a prefill piece over the cache in blocks of keys (``ops.attention.xla``,
+KEY_BLOCK slots), so a piece's temporaries do not grow with the context; the cache itself does.
 Before each case the script prints the model's causal prefill FLOPs (``jaxlm.models.flops``) and its
 predicted time; the cached path does about twice the causal attention work (every slot is scored).
 
@@ -64,6 +68,7 @@ from flax import nnx
 from experiments import reporting
 from experiments.attention_memory import PeakRSS
 from jaxlm.layers.cache import RecurrentCache
+from jaxlm.layers.mla import LatentCache
 from jaxlm.models import LM, ModelConfig, preset
 from jaxlm.models.flops import flops_per_token
 from jaxlm.ops import KVCache
@@ -96,7 +101,7 @@ def cache_bytes(config: ModelConfig, max_len: int, batch_size: int = 1) -> dict[
     for layer in shapes:
         if layer is None:
             continue
-        kind = "kv" if isinstance(layer, KVCache) else "recurrent"
+        kind = "kv" if isinstance(layer, (KVCache, LatentCache)) else "recurrent"
         out[kind] += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layer))
     return out | dict(total=out["kv"] + out["recurrent"])
 
@@ -347,25 +352,33 @@ def sweep(models: list[str], contexts: list[int], piece: int, decode_steps: int,
                     else:
                         # Over the budget it still runs, until the budget or the memory runs out.
                         runs.append(("sampled", None, sampled_s))
-                for mode, status, predicted in runs:
+                full_ok = False
+                for mode, status, predicted in runs:  # may grow: a full prefill that times out queues the sampled mode
                     row = dict(base, mode=mode, predicted_s=predicted, load_start=os.getloadavg()[0])
                     pred = "no estimate yet" if predicted is None else f"predicted {predicted:.0f} s"
                     print(f"{name}-{size} C={context:>9,}: causal prefill {gflop:,.0f} GFLOP, cache "
                           f"{sizes['total'] / 2**20:,.1f} MiB (KV {sizes['kv'] / 2**20:,.1f}); {mode}, {pred}",
                           flush=True)
                     if status is None:
-                        if mode == "sampled" and predicted > sample_budget:
+                        if mode == "sampled" and predicted is not None and predicted > sample_budget:
                             timeout = sample_budget
                         else:
                             timeout = 3 * (predicted if predicted is not None else full_budget) + 300
                         got = run_in_child(name, size, context, p, mode, decode_steps, memory_limit, timeout, env)
                         row.update(got)
-                        if row["status"] == "ok" and mode == "full":
+                        if row["status"] == "ok" and (mode == "full" or not full_ok):
                             measured.append((context, row["s_per_token"]))
-                        elif row["status"] == "ok" and not any(r[0] == "full" for r in runs):
-                            measured.append((context, row["s_per_token"]))
+                            full_ok = full_ok or mode == "full"
                         if row["status"] == "out of memory":
                             row["mode"], exhausted = "oom", "ran out of memory"
+                        elif row["status"].startswith("timeout") and mode == "full":
+                            # The estimate from smaller contexts put the full prefill within its
+                            # budget, wrongly (a cached attention layer's cost per token grows with
+                            # the context, below the fixed costs at first): measure this context
+                            # in the sampled mode instead, and go on.
+                            row["mode"] = "full timed out"
+                            if not any(m == "sampled" for m, _, _ in runs):
+                                runs.append(("sampled", None, sampled_s))
                         elif row["status"].startswith("timeout"):
                             row["mode"], exhausted = "timeout", "ran out of time"
                         elif row["status"] != "ok":

@@ -87,6 +87,16 @@ def test_cache_bytes_against_hand_counts():
         assert got["total"] == got["kv"] + got["recurrent"]
 
 
+def test_cache_bytes_counts_mla_latents_with_the_attention_caches():
+    """kimi_linear tiny (KKKC): the latent cache of its MLA layer grows with the context and is
+    counted as attention cache; the three KDA layers' states do not grow."""
+    config = preset("kimi_linear", "tiny")
+    short, long = (long_context.cache_bytes(config, n) for n in (1, 1001))
+    assert short["recurrent"] == long["recurrent"] > 0
+    assert long["kv"] > short["kv"] > 0
+    assert (long["kv"] - short["kv"]) % 1000 == 0  # the same bytes for every slot
+
+
 def test_synthetic_cache_marks_the_written_slots():
     model_cache = (KVCache.empty(1, 1, 8, 4, 4, jnp.float32), KVCache.empty(1, 1, 3, 4, 4, jnp.float32), None)
     full, ring, none = long_context.synthetic_cache(model_cache, pos=5)
