@@ -33,7 +33,8 @@ def kernel_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_the_notebooks_exist():
-    assert {"00_quickstart.ipynb", "01_linear_attention.ipynb"} <= {p.name for p in NOTEBOOKS}
+    assert {"00_quickstart.ipynb", "01_linear_attention.ipynb", "02_kernels.ipynb", "03_moe_sharding.ipynb",
+            "04_recall_and_hybrids.ipynb", "05_open_models.ipynb"} <= {p.name for p in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
