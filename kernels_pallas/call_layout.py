@@ -233,22 +233,34 @@ def layout_of(eqn: Any) -> KernelLayout:
     )
 
 
-def _pallas_calls(jaxpr: Any) -> list:
-    """The pallas_call equations of a jaxpr and of its sub-jaxprs (jit, custom_vjp, scan, ...)."""
-    calls = []
+def equations_outside_kernels(jaxpr: Any) -> list:
+    """Every equation of a jaxpr (or ClosedJaxpr) and of its sub-jaxprs (jit, custom_vjp, scan,
+    ...), in program order, without entering the bodies of Pallas kernels."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    eqns = []
     for eqn in jaxpr.eqns:
+        eqns.append(eqn)
         if eqn.primitive.name == "pallas_call":
-            calls.append(eqn)
             continue
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else (param,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    calls += _pallas_calls(inner)
-    return calls
+                    eqns += equations_outside_kernels(inner)
+    return eqns
+
+
+def pallas_call_eqns(jaxpr: Any) -> list:
+    """The pallas_call equations of a jaxpr, looking inside every sub-jaxpr, in call order."""
+    return [e for e in equations_outside_kernels(jaxpr) if e.primitive.name == "pallas_call"]
+
+
+def pallas_call_names(jaxpr: Any) -> list[str]:
+    """The names of the kernels a jaxpr calls, in order."""
+    return [str(e.params["name"]) for e in pallas_call_eqns(jaxpr)]
 
 
 def kernel_layouts(fn: Callable, *args: Any, **kwargs: Any) -> list[KernelLayout]:
     """The layout of every Pallas kernel ``fn(*args, **kwargs)`` calls, in call order, from its
     traced jaxpr (``jax.make_jaxpr``; the current ``kernel_settings`` apply)."""
-    return [layout_of(eqn) for eqn in _pallas_calls(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)]
+    return [layout_of(eqn) for eqn in pallas_call_eqns(jax.make_jaxpr(fn)(*args, **kwargs))]

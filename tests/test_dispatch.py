@@ -17,7 +17,7 @@ from jaxlm import ops
 from jaxlm.ops import dispatch
 from jaxlm.ops.attention import ATTENTION_FORMS
 from jaxlm.ops.moe.experts import GROUPED_EXPERT_FORMS
-from jaxprs import pallas_call_names
+from kernels_pallas.call_layout import pallas_call_names
 from numerics import F32_OUT, assert_close
 from op_cases import FORM_TABLES, RECURRENCES, every_form, make_inputs
 

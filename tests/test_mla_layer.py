@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.layers.mla import LatentCache, MultiHeadLatentAttention
-from jaxprs import equations_outside_kernels
+from kernels_pallas.call_layout import equations_outside_kernels
 from numerics import F32_OUT, assert_close
 from test_layer_mixers import apply
 

@@ -18,7 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxlm import ops
 from kernels_pallas.flash_attention import BlockSizes, config, flash_attention, tiles
-from jaxprs import equations_outside_kernels, pallas_call_names
+from kernels_pallas.call_layout import equations_outside_kernels, pallas_call_names
 from numerics import BF16_GRAD, BF16_OUT, F32_GRAD, F32_OUT, assert_close
 from op_cases import attention_formula, attention_mask
 

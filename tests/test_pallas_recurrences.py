@@ -20,7 +20,7 @@ import kernels_pallas.gla
 import kernels_pallas.simple_gla
 from jaxlm import ops
 from kernels_pallas import KernelSettings, current_settings, kernel_settings
-from jaxprs import pallas_call_eqns, pallas_call_names
+from kernels_pallas.call_layout import pallas_call_eqns, pallas_call_names
 from numerics import BF16_GATE_GRAD, BF16_GRAD, BF16_OUT, F32_GRAD, F32_OUT, assert_close
 
 # (B, T, H, HV, K, V): odd T, grouped value heads, K and V padded inside to 16.

@@ -25,7 +25,7 @@ from kernels_pallas.flash_attention import BlockSizes, flash_attention
 from numerics import F32_GRAD, F32_OUT, assert_close
 from op_cases import attention_formula
 from test_pallas_attention import CASES, Case, ids, naive_np, normal
-from jaxprs import pallas_call_eqns
+from kernels_pallas.call_layout import pallas_call_eqns
 from test_pallas_recurrences import OPS, check_against_recurrent, make_inputs
 
 TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
